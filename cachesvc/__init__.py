@@ -1,0 +1,1 @@
+"""cachesvc: keeps web page caches fresh, as Twisted services run by twistd."""
