@@ -159,6 +159,12 @@ def check_purge(purge: PurgeConfig, source: str | None = None) -> None:
             f"{_label('purge.listen', source)}: {purge.listen!r} is not a Twisted server endpoint "
             f"({e}); write e.g. tcp:7836:interface=127.0.0.1 or unix:/run/cachesvc/purge.sock"
         ) from None
+    if purge.idle_timeout <= 0:
+        raise ConfigError(f"{_label('purge.idle_timeout', source)}: must be > 0, e.g. 30s")
+    if not 1 <= purge.max_line_length <= 1 << 20:
+        raise ConfigError(
+            f"{_label('purge.max_line_length', source)}: {purge.max_line_length} is out of range; use 1 to 1048576 (default 4096)"
+        )
     if not purge.roots:
         raise ConfigError(f"{_label('purge.roots', source)}: list at least one cache root, e.g. [/cache]")
     normalised: list[str] = []
@@ -178,12 +184,6 @@ def check_purge(purge: PurgeConfig, source: str | None = None) -> None:
             raise ConfigError(f"{label}: {root!r} is listed twice")
         normalised.append(norm)
     purge.roots = normalised
-    if purge.idle_timeout <= 0:
-        raise ConfigError(f"{_label('purge.idle_timeout', source)}: must be > 0, e.g. 30s")
-    if not 1 <= purge.max_line_length <= 1 << 20:
-        raise ConfigError(
-            f"{_label('purge.max_line_length', source)}: {purge.max_line_length} is out of range; use 1 to 1048576 (default 4096)"
-        )
 
 
 def resolve(path: str | None, listen: str | None = None, roots: Sequence[str] = ()) -> Config:

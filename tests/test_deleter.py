@@ -1,0 +1,102 @@
+"""Deleting on a real filesystem: zone roots kept, symlinks never followed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cachesvc.purge.deleter import Deleted, delete_now
+from cachesvc.purge.paths import PathPolicy, Refused
+
+
+def make_zone(root: Path, name: str = "example.com", files: int = 20) -> Path:
+    zone = root / name
+    for i in range(files):
+        leaf = zone / f"{i % 10}" / f"{i % 7:02d}"
+        leaf.mkdir(parents=True, exist_ok=True)
+        (leaf / f"hash{i}").write_bytes(b"KEY: x\n")
+    return zone
+
+
+def target(root: Path, rel: str):
+    return PathPolicy([str(root)]).target(f"{root}/{rel}".encode())
+
+
+def test_zone_root_is_emptied_and_kept_with_owner_and_mode(cache_root: Path) -> None:
+    zone = make_zone(cache_root)
+    os.chmod(zone, 0o710)
+    before = zone.stat()
+    assert delete_now(target(cache_root, "example.com")) == Deleted("deleted", 20)
+    after = zone.stat()
+    assert list(zone.iterdir()) == []
+    assert (after.st_mode, after.st_uid, after.st_gid, after.st_ino) == (before.st_mode, before.st_uid, before.st_gid, before.st_ino)
+
+
+def test_deeper_directory_is_removed(cache_root: Path) -> None:
+    zone = make_zone(cache_root)
+    assert delete_now(target(cache_root, "example.com/1")).outcome == "deleted"
+    assert not (zone / "1").exists() and (zone / "2").exists()
+
+
+def test_single_file_and_missing_paths(cache_root: Path) -> None:
+    zone = make_zone(cache_root)
+    assert delete_now(target(cache_root, "example.com/3/03/hash3")) == Deleted("deleted", 1)
+    assert not (zone / "3/03/hash3").exists()
+    assert delete_now(target(cache_root, "example.com/3/03/hash3")) == Deleted("absent", 0)
+    assert delete_now(target(cache_root, "nosuchsite/a/b")) == Deleted("absent", 0)
+    assert delete_now(target(cache_root, "example.com/3/03/hash13/below")) == Deleted("absent", 0)
+
+
+def test_symlink_on_the_way_is_refused_and_outside_survives(tmp_path: Path, cache_root: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / "inner").mkdir(parents=True)
+    (outside / "inner" / "precious").write_text("keep")
+    (cache_root / "evil").symlink_to(outside)
+    (cache_root / "site").mkdir()
+    (cache_root / "site" / "link").symlink_to(outside)
+    for rel in ["evil/inner", "evil/inner/precious", "site/link/inner", "site/link/inner/precious"]:
+        with pytest.raises(Refused, match="symlink"):
+            delete_now(target(cache_root, rel))
+    assert (outside / "inner" / "precious").read_text() == "keep"
+
+
+def test_symlink_target_is_unlinked_not_followed(tmp_path: Path, cache_root: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep")
+    (cache_root / "site").mkdir()
+    (cache_root / "site" / "dirlink").symlink_to(outside)
+    (cache_root / "site" / "filelink").symlink_to(outside / "precious")
+    (cache_root / "zonelink").symlink_to(outside)
+    assert delete_now(target(cache_root, "site/dirlink")) == Deleted("deleted", 1)
+    assert delete_now(target(cache_root, "site/filelink")) == Deleted("deleted", 1)
+    assert delete_now(target(cache_root, "zonelink")) == Deleted("deleted", 1)
+    assert not os.path.lexists(cache_root / "site" / "dirlink")
+    assert not os.path.lexists(cache_root / "zonelink")
+    assert (outside / "precious").read_text() == "keep"
+
+
+def test_symlinks_inside_a_deleted_tree_are_removed_as_links(tmp_path: Path, cache_root: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep")
+    zone = make_zone(cache_root, files=5)
+    (zone / "1" / "link").symlink_to(outside)
+    (zone / "toplink").symlink_to(outside / "precious")
+    assert delete_now(target(cache_root, "example.com")) == Deleted("deleted", 7)
+    assert list(zone.iterdir()) == []
+    assert (outside / "precious").read_text() == "keep"
+
+
+def test_permission_error_is_raised_not_hidden(cache_root: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root ignores directory permissions")
+    zone = make_zone(cache_root, files=1)
+    os.chmod(zone / "0", 0o500)
+    try:
+        with pytest.raises(PermissionError):
+            delete_now(target(cache_root, "example.com"))
+    finally:
+        os.chmod(zone / "0", 0o700)

@@ -1,0 +1,300 @@
+"""The purge daemon end to end: ``twistd ... cachesvc`` in a subprocess, real sockets, real files."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.daemon import TOP, Daemon, free_port, purge, read_all
+
+OK = b"Purge: Success\n"
+ERR = b"Purge: Error\n"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int, Daemon]]:
+    """One daemon for the module, configured through a YAML file with a short idle timeout."""
+    base = tmp_path_factory.mktemp("purge")
+    root = base / "cache"
+    root.mkdir()
+    port = free_port()
+    conf = base / "cachesvc.yaml"
+    conf.write_text(f"purge:\n  listen: tcp:{port}:interface=127.0.0.1\n  roots: [{root}]\n  idle_timeout: 1500ms\n")
+    daemon = Daemon(["--config", str(conf)], base)
+    try:
+        daemon.wait_for_port(port)
+        yield root, port, daemon
+    finally:
+        daemon.stop()
+
+
+def site(root: Path, name: str, files: int = 3) -> Path:
+    zone = root / name
+    for i in range(files):
+        d = zone / str(i % 10) / f"{i:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_text("cached")
+    return zone
+
+
+def test_file_purge_replies_exact_bytes(served) -> None:
+    root, port, _ = served
+    zone = site(root, "file.example")
+    victim = zone / "1" / "01" / "f1"
+    assert purge(port, f"{victim}\n".encode()) == OK
+    assert not victim.exists() and (zone / "2" / "02" / "f2").exists()
+
+
+def test_missing_path_is_success(served) -> None:
+    root, port, _ = served
+    assert purge(port, f"{root}/never.example/5/cd/ee80e68666834decf6fe00921710ccd5\n".encode()) == OK
+
+
+def test_zone_root_is_emptied_and_kept(served) -> None:
+    root, port, _ = served
+    zone = site(root, "zone.example", files=30)
+    os.chmod(zone, 0o750)
+    before = zone.stat()
+    assert purge(port, f"{zone}\n".encode()) == OK
+    after = zone.stat()
+    assert zone.is_dir() and list(zone.iterdir()) == []
+    assert (after.st_mode, after.st_uid, after.st_ino) == (before.st_mode, before.st_uid, before.st_ino)
+
+
+def test_deeper_directory_is_removed(served) -> None:
+    root, port, _ = served
+    zone = site(root, "deep.example", files=5)
+    assert purge(port, f"{zone}/3\n".encode()) == OK
+    assert not (zone / "3").exists() and (zone / "4").exists()
+
+
+def test_refusals_touch_nothing(served, tmp_path: Path) -> None:
+    root, port, _ = served
+    zone = site(root, "keep.example")
+    sibling = Path(str(root) + "-evil")
+    sibling.mkdir(exist_ok=True)
+    (sibling / "x").write_text("keep")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    requests = [
+        b"\n",
+        b"keep.example\n",
+        f"{root}/keep.example\0/1\n".encode(),
+        f"{root}/keep.example/../keep.example\n".encode(),
+        f"{root}/./keep.example\n".encode(),
+        f"{root}\n".encode(),
+        f"{root}/\n".encode(),
+        f"{sibling}/x\n".encode(),
+        f"{outside}\n".encode(),
+        b"/\n",
+        str(root).encode() + b"/\xff\xfe\n",
+    ]
+    for raw in requests:
+        assert purge(port, raw) == ERR, raw
+    assert len(list(zone.rglob("f*"))) == 3
+    assert (sibling / "x").read_text() == "keep" and outside.read_text() == "keep"
+    shutil.rmtree(sibling)
+
+
+def test_planted_symlinks_never_lead_outside(served, tmp_path: Path) -> None:
+    root, port, _ = served
+    outside = tmp_path / "secret"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "data").write_text("keep")
+    (outside / "top").write_text("keep")
+    zone = site(root, "links.example")
+    (zone / "dirlink").symlink_to(outside)
+    (zone / "filelink").symlink_to(outside / "top")
+    (root / "zonelink.example").symlink_to(outside)
+    (zone / "7").mkdir()
+    (zone / "7" / "inner").symlink_to(outside / "sub")
+    # A symlink between the root and the target: refused.
+    for rel in ["links.example/dirlink/sub", "links.example/dirlink/top", "zonelink.example/sub/data", "links.example/7/inner/data"]:
+        assert purge(port, f"{root}/{rel}\n".encode()) == ERR, rel
+    # A symlink as the target: removed as a link.
+    assert purge(port, f"{zone}/filelink\n".encode()) == OK
+    assert not os.path.lexists(zone / "filelink")
+    # A whole zone holding symlinks: the links go, what they point to stays.
+    assert purge(port, f"{zone}\n".encode()) == OK
+    assert list(zone.iterdir()) == []
+    assert purge(port, f"{root}/zonelink.example\n".encode()) == OK
+    assert not os.path.lexists(root / "zonelink.example")
+    assert (outside / "sub" / "data").read_text() == "keep" and (outside / "top").read_text() == "keep"
+
+
+def test_several_lines_on_one_connection_in_order(served) -> None:
+    root, port, _ = served
+    zone = site(root, "multi.example", files=2)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"{zone}/0/00/f0\n\n{zone}/1/01/f1\r\n/etc/passwd\n{zone}/nothing\n".encode())
+        assert read_all(s, 5) == OK + ERR + OK + ERR + OK
+    assert list(zone.rglob("f*")) == []
+
+
+def test_path_without_newline_is_purged_when_client_closes(served) -> None:
+    root, port, _ = served
+    zone = site(root, "go-cli.example", files=4)
+    purge(port, str(zone).encode(), read=False)  # the Go CLI: no newline, no read
+    deadline = time.monotonic() + 10
+    while list(zone.rglob("f*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(zone.rglob("f*")) == [] and zone.is_dir()
+
+
+def test_overlong_line_is_refused_and_closed(served) -> None:
+    root, port, _ = served
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"{root}/".encode() + b"a" * 5000 + b"\n")
+        assert read_all(s, 1) == ERR
+        assert s.recv(100) == b""  # closed
+
+
+def test_idle_connection_is_closed(served) -> None:
+    _, port, _ = served
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        started = time.monotonic()
+        assert s.recv(100) == b""
+        assert 1.0 < time.monotonic() - started < 8
+
+
+def test_one_log_line_per_purge(served) -> None:
+    root, port, daemon = served
+    zone = site(root, "logged.example", files=6)
+    assert purge(port, f"{zone}\n".encode()) == OK
+    assert purge(port, b"/etc/shadow\n") == ERR
+    daemon.wait_for_log(f"purge '{zone}' deleted, 6 files")
+    daemon.wait_for_log("purge '/etc/shadow' refused: outside every cache root")
+
+
+def test_200_concurrent_clients(served) -> None:
+    root, port, _ = served
+    zone = root / "busy.example"
+    paths = []
+    for i in range(200):
+        d = zone / f"{i % 16:x}" / f"{i % 256:02x}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"hash{i}").write_text("x")
+        paths.append(d / f"hash{i}")
+    with ThreadPoolExecutor(200) as pool:
+        replies = list(pool.map(lambda p: purge(port, f"{p}\n".encode(), timeout=30), paths))
+    assert replies == [OK] * 200
+    assert not any(p.exists() for p in paths)
+
+
+PHP_CLIENT = r"""<?php
+// The SpinupWP documentation's purge snippet: one connection, one fwrite, one fread of 512 bytes.
+$path = $argv[2];
+$fp = fsockopen('127.0.0.1', (int)$argv[1], $errno, $errstr, 5);
+if (!$fp) { echo "connect failed: $errstr\n"; exit(2); }
+fwrite($fp, $path . "\n");
+$response = fread($fp, 512);
+fclose($fp);
+echo preg_match('/^Purge:\sSuccess/', $response) ? "purged" : "failed";
+"""
+
+
+def test_real_php_client(served, tmp_path: Path) -> None:
+    root, port, _ = served
+    php = shutil.which("php")
+    assert php, "php-cli is installed by scripts/test.sh"
+    script = tmp_path / "purge.php"
+    script.write_text(PHP_CLIENT)
+    zone = site(root, "php.example", files=5)
+    run = lambda path: subprocess.run([php, str(script), str(port), path], capture_output=True, text=True, timeout=60)
+    ok = run(str(zone))
+    assert ok.stdout == "purged", ok
+    assert list(zone.rglob("f*")) == []
+    refused = run(f"{root}/../etc")
+    assert refused.stdout == "failed", refused
+
+
+def test_tac_builds_the_same_service(tmp_path: Path, cache_root: Path) -> None:
+    port = free_port()
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"purge:\n  listen: tcp:{port}:interface=127.0.0.1\n  roots: [{cache_root}]\n")
+    zone = site(cache_root, "tac.example")
+    daemon = Daemon([], tmp_path, env={"CACHESVC_CONFIG": str(conf)}, tac=True)
+    try:
+        daemon.wait_for_port(port)
+        assert purge(port, f"{zone}\n".encode()) == OK
+        assert list(zone.rglob("f*")) == []
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cache-root", "/definitely/missing"], "purge.roots[0]: '/definitely/missing' does not exist"),
+        (["--cache-root", "relative/dir"], "is relative"),
+        (["--cache-root", "/"], "whole filesystem"),
+        (["--purge-listen", "nonsense:1"], "is not a Twisted server endpoint"),
+    ],
+)
+def test_bad_options_refuse_to_start(tmp_path: Path, args: list[str], message: str) -> None:
+    daemon = Daemon(args, tmp_path)
+    code = daemon.exit_code()
+    daemon.stop()
+    assert code != 0
+    assert message in daemon.log
+
+
+def test_bad_config_file_refuses_to_start(tmp_path: Path) -> None:
+    conf = tmp_path / "bad.yaml"
+    conf.write_text("purge:\n  idle_timout: 30s\n")
+    daemon = Daemon(["--config", str(conf)], tmp_path)
+    code = daemon.exit_code()
+    daemon.stop()
+    assert code != 0
+    assert "purge.idle_timout: unknown configuration field" in daemon.log
+
+
+def test_port_clash_fails_loudly(served, tmp_path: Path, cache_root: Path) -> None:
+    _, port, _ = served
+    daemon = Daemon(["--cache-root", str(cache_root), "--purge-listen", f"tcp:{port}:interface=127.0.0.1"], tmp_path)
+    code = daemon.exit_code()
+    daemon.stop()
+    assert code != 0
+    assert "Address already in use" in daemon.log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start the daemon as another user")
+def test_io_error_answers_error_and_daemon_keeps_serving() -> None:
+    """The daemon runs as the cache owner: files it may not delete are an error, logged, not a crash."""
+    base = Path(tempfile.mkdtemp(prefix="cachesvc-perm-"))
+    try:
+        os.chmod(base, 0o755)
+        root = base / "cache"
+        root.mkdir(mode=0o755)
+        nobody = pwd.getpwnam("nobody")
+        theirs = site(root, "root-owned.example")
+        mine = site(root, "nobody-owned.example")
+        for p in [mine, *mine.rglob("*")]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+        port = free_port()
+        daemon = Daemon(
+            ["--cache-root", str(root), "--purge-listen", f"tcp:{port}:interface=127.0.0.1"],
+            base,
+            twistd_args=["--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid)],
+        )
+        try:
+            daemon.wait_for_port(port)
+            assert purge(port, f"{theirs}\n".encode()) == ERR
+            assert len(list(theirs.rglob("f*"))) == 3
+            assert purge(port, f"{mine}\n".encode()) == OK
+            assert list(mine.rglob("f*")) == []
+            daemon.wait_for_log("Permission denied")
+        finally:
+            daemon.stop()
+    finally:
+        shutil.rmtree(base)
