@@ -100,3 +100,55 @@ def test_permission_error_is_raised_not_hidden(cache_root: Path) -> None:
             delete_now(target(cache_root, "example.com"))
     finally:
         os.chmod(zone / "0", 0o700)
+
+
+class HeldLane:
+    """A lane whose jobs run only when the test releases them."""
+
+    def __init__(self) -> None:
+        self.jobs: list = []
+
+    def submit(self, job, done) -> None:
+        self.jobs.append((job, done))
+
+    def release(self) -> None:
+        job, done = self.jobs.pop(0)
+        try:
+            done(True, job())
+        except BaseException as e:
+            done(False, e)
+
+
+def test_batching_deleter_sends_one_batch_while_busy_and_maps_results() -> None:
+    from cachesvc.purge.deleter import BatchingDeleter
+
+    current: list[str] = []
+
+    def fake_delete(t):
+        current.append(t.parts[-1])
+        if t.parts[-1] == "bad":
+            raise PermissionError(13, "Permission denied")
+        return Deleted("deleted", 1)
+
+    lane = HeldLane()
+    deleter = BatchingDeleter(lane, fake_delete)  # type: ignore[arg-type]
+    policy = PathPolicy(["/cache"])
+    results: dict[str, object] = {}
+
+    def ask(name: str) -> None:
+        d = deleter.delete(policy.target(f"/cache/s/{name}".encode()))
+        d.addCallbacks(lambda r: results.__setitem__(name, r), lambda f: results.__setitem__(name, f.value))
+
+    ask("a")  # idle: goes at once
+    assert len(lane.jobs) == 1
+    ask("b"), ask("bad"), ask("c")  # busy: they wait
+    assert len(lane.jobs) == 1
+    lane.release()
+    assert results == {"a": Deleted("deleted", 1)}
+    assert len(lane.jobs) == 1  # the three waiting ones, together
+    current.clear()
+    lane.release()
+    assert current == ["b", "bad", "c"]
+    assert results["b"] == Deleted("deleted", 1) and results["c"] == Deleted("deleted", 1)
+    assert isinstance(results["bad"], PermissionError)
+    assert lane.jobs == []

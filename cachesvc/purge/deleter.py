@@ -13,12 +13,13 @@ import os
 import stat
 from dataclasses import dataclass
 
+from typing import Any, Callable
+
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from cachesvc.purge.lane import WorkerThread
 from cachesvc.purge.paths import PurgeTarget, Refused
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -40,15 +41,54 @@ class IDeleter(Interface):
 
 
 @implementer(IDeleter)
-class ThreadPoolDeleter:
-    """Runs :func:`delete_now` on *pool*, never on the reactor thread."""
+class BatchingDeleter:
+    """Runs :func:`delete_now` on a worker thread, never on the reactor thread, one batch at a time.
 
-    def __init__(self, reactor: IReactorFromThreads, pool: ThreadPool) -> None:
-        self._reactor = reactor
-        self._pool = pool
+    A purge that arrives while the lane is idle goes at once; those that arrive while a batch is
+    running wait and then travel together. Under load that is one thread handoff and one reactor
+    wake-up per batch instead of per purge (most of the cost of a small purge), and a single lane
+    avoids the GIL contention of several threads doing tiny syscalls side by side.
+    """
+
+    def __init__(self, lane: WorkerThread, delete: Callable[[PurgeTarget], Deleted] | None = None) -> None:
+        self._lane = lane
+        self._delete = delete or delete_now
+        self._waiting: list[tuple[PurgeTarget, Deferred[Deleted]]] = []
+        self._busy = False
 
     def delete(self, target: PurgeTarget) -> Deferred[Deleted]:
-        return deferToThreadPool(self._reactor, self._pool, delete_now, target)
+        d: Deferred[Deleted] = Deferred()
+        self._waiting.append((target, d))
+        if not self._busy:
+            self._send()
+        return d
+
+    def _send(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._busy = True
+        targets = [t for t, _ in batch]
+        self._lane.submit(lambda: self._run(targets), lambda ok, outcomes: self._fire(batch, ok, outcomes))
+
+    def _run(self, targets: list[PurgeTarget]) -> list[Deleted | BaseException]:
+        outcomes: list[Deleted | BaseException] = []
+        for target in targets:
+            try:
+                outcomes.append(self._delete(target))
+            except Exception as e:
+                outcomes.append(e)
+        return outcomes
+
+    def _fire(self, batch: list[tuple[PurgeTarget, Deferred[Deleted]]], ok: bool, outcomes: Any) -> None:
+        # Still busy while firing: purges requested from these callbacks join the next batch.
+        for i, (_, d) in enumerate(batch):
+            outcome = outcomes[i] if ok else outcomes  # not ok: _run itself broke, fail them all
+            if isinstance(outcome, (BaseException, Failure)):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
+        self._busy = False
+        if self._waiting:
+            self._send()
 
 
 def delete_now(target: PurgeTarget) -> Deleted:
