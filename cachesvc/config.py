@@ -32,6 +32,17 @@ T = TypeVar("T")
 
 
 @dataclass
+class ZoneConfig:
+    """One nginx cache zone, described as nginx's ``fastcgi_cache_path``/``fastcgi_cache_key`` do."""
+
+    hosts: list[str]
+    path: str
+    levels: str = "1:2"
+    key: str = "$scheme$request_method$host$request_uri"
+    methods: list[str] = field(default_factory=lambda: ["GET", "HEAD"])
+
+
+@dataclass
 class PurgeConfig:
     """The ``purge:`` section: the SpinupWP-compatible purge service."""
 
@@ -39,6 +50,8 @@ class PurgeConfig:
     roots: list[str] = field(default_factory=lambda: ["/cache"])
     idle_timeout: Duration = 30.0
     max_line_length: int = 4096
+    trash_dir: str | None = None
+    zones: list[ZoneConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +96,10 @@ def build(cls: type[T], data: Any, where: str, source: str | None = None) -> T:
                 f"known fields here: {', '.join(sorted(known))}"
             )
         kwargs[key] = _convert(hints[key], value, path, source)
+    for name, f in known.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            path = f"{where}.{name}" if where else name
+            raise ConfigError(f"{_label(path, source)}: required field is missing")
     return cls(**kwargs)
 
 
@@ -184,6 +201,37 @@ def check_purge(purge: PurgeConfig, source: str | None = None) -> None:
             raise ConfigError(f"{label}: {root!r} is listed twice")
         normalised.append(norm)
     purge.roots = normalised
+    purge.trash_dir = _check_trash(purge, source)
+    from cachesvc.purge.zones import ZoneMap
+
+    for i, zone in enumerate(purge.zones):
+        try:
+            ZoneMap.check(zone, normalised)
+        except ValueError as e:
+            raise ConfigError(f"{_label(f'purge.zones[{i}]', source)}: {e}") from None
+
+
+def _check_trash(purge: PurgeConfig, source: str | None) -> str:
+    """The trash must be outside every nginx zone: a root's hidden child, or outside the roots."""
+    label = _label("purge.trash_dir", source)
+    trash = purge.trash_dir or os.path.join(purge.roots[0], ".cachesvc-trash")
+    if not trash.startswith("/"):
+        raise ConfigError(f"{label}: {trash!r} is relative; give an absolute path on the cache's filesystem")
+    trash = os.path.normpath(trash)
+    for root in purge.roots:
+        if trash == root or root.startswith(trash + "/"):
+            raise ConfigError(f"{label}: {trash!r} would contain the cache root {root}; use e.g. {root}/.cachesvc-trash")
+        if trash.startswith(root + "/") and os.path.dirname(trash) != root:
+            raise ConfigError(
+                f"{label}: {trash!r} is inside a cache zone, where nginx's cache loader deletes foreign files; "
+                f"use a direct child of the root such as {root}/.cachesvc-trash"
+            )
+    parent = os.path.dirname(trash)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{label}: the parent of {trash!r} does not exist; create it or choose another path")
+    if os.path.islink(trash) or (os.path.exists(trash) and not os.path.isdir(trash)):
+        raise ConfigError(f"{label}: {trash!r} exists and is not a plain directory; remove it or choose another path")
+    return trash
 
 
 def resolve(path: str | None, listen: str | None = None, roots: Sequence[str] = ()) -> Config:

@@ -42,7 +42,8 @@ def test_no_file_means_defaults() -> None:
 def test_full_purge_section(tmp_path: Path, cache_root: Path) -> None:
     path = write(tmp_path, f"purge:\n  listen: tcp:9999\n  roots: [{cache_root}/]\n  idle_timeout: 1m30s\n  max_line_length: 512\n")
     c = config.resolve(path)
-    assert c.purge == config.PurgeConfig("tcp:9999", [str(cache_root)], 90.0, 512)
+    trash = f"{cache_root}/.cachesvc-trash"  # the default: a hidden child of the first root
+    assert c.purge == config.PurgeConfig("tcp:9999", [str(cache_root)], 90.0, 512, trash)
 
 
 def test_command_line_overrides_file(tmp_path: Path, cache_root: Path) -> None:

@@ -177,7 +177,8 @@ def test_one_log_line_per_purge(served) -> None:
     zone = site(root, "logged.example", files=6)
     assert purge(port, f"{zone}\n".encode()) == OK
     assert purge(port, b"/etc/shadow\n") == ERR
-    daemon.wait_for_log(f"purge '{zone}' deleted, 6 files")
+    daemon.wait_for_log(f"purge '{zone}' deleted (moved to trash; deleting in the background)")
+    daemon.wait_for_log(f"background delete of '{zone}' finished: 6 files")
     daemon.wait_for_log("purge '/etc/shadow' refused: outside every cache root")
 
 
@@ -299,6 +300,7 @@ def test_io_error_answers_error_and_daemon_keeps_serving() -> None:
             assert purge(port, f"{mine}\n".encode()) == OK
             assert list(mine.rglob("f*")) == []
             daemon.wait_for_log("Permission denied")
+            daemon.wait_for_log("cannot use trash")
         finally:
             daemon.stop()
     finally:

@@ -1,28 +1,20 @@
-"""Deleting below a cache root without ever following a symlink (blocking; runs on a thread pool).
-
-Every step is relative to an open directory descriptor and opened with ``O_NOFOLLOW``: a symlink
-planted anywhere between the root and the target refuses the purge, and one swapped in during a
-recursive delete is unlinked as a link, never descended into (the same guarantee as Python's
-fd-based ``shutil.rmtree``, which this re-implements only to count the files it removes).
-"""
+"""Deleting a purge target (blocking, on a worker thread), and batching requests onto that thread."""
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from dataclasses import dataclass
-
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from cachesvc.purge.fstree import empty_dir_at, open_parent, remove_tree_at
 from cachesvc.purge.lane import WorkerThread
-from cachesvc.purge.paths import PurgeTarget, Refused
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+from cachesvc.purge.paths import PurgeTarget
+from cachesvc.purge.trash import Trash
 
 
 @dataclass(frozen=True)
@@ -30,7 +22,8 @@ class Deleted:
     """What a purge did: ``absent`` (nothing was there) or ``deleted``, and how many files went."""
 
     outcome: str
-    files: int
+    files: int | None
+    slot: str | None = None  # a trash slot still to be deleted in the background
 
 
 class IDeleter(Interface):
@@ -50,9 +43,9 @@ class BatchingDeleter:
     avoids the GIL contention of several threads doing tiny syscalls side by side.
     """
 
-    def __init__(self, lane: WorkerThread, delete: Callable[[PurgeTarget], Deleted] | None = None) -> None:
+    def __init__(self, lane: WorkerThread, delete: Callable[[PurgeTarget], Deleted]) -> None:
         self._lane = lane
-        self._delete = delete or delete_now
+        self._delete = delete
         self._waiting: list[tuple[PurgeTarget, Deferred[Deleted]]] = []
         self._busy = False
 
@@ -91,23 +84,16 @@ class BatchingDeleter:
             self._send()
 
 
-def delete_now(target: PurgeTarget) -> Deleted:
-    """Delete *target* (blocking). A zone root is emptied and kept with its owner and mode."""
-    parent = os.open(target.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def delete_now(target: PurgeTarget, trash: Trash | None = None) -> Deleted:
+    """Delete *target* (blocking). A zone root is emptied and kept with its owner and mode.
+
+    With a *trash*, directories are moved into it and :attr:`Deleted.slot` names what is left to
+    delete in the background; ``files`` is then unknown (``None``).
+    """
+    parent = open_parent(target)
+    if parent is None:
+        return Deleted("absent", 0)
     try:
-        for depth, name in enumerate(target.parts[:-1]):
-            try:
-                child = os.open(name, _DIR_FLAGS, dir_fd=parent)
-            except FileNotFoundError:
-                return Deleted("absent", 0)
-            except OSError as e:
-                if e.errno == errno.ELOOP or _is_symlink(parent, name):
-                    raise Refused(f"symlink at {_prefix(target, depth)}") from None
-                if e.errno == errno.ENOTDIR:
-                    return Deleted("absent", 0)  # a file where a directory would be: nothing below it
-                raise
-            os.close(parent)
-            parent = child
         name = target.parts[-1]
         try:
             st = os.lstat(name, dir_fd=parent)
@@ -116,68 +102,16 @@ def delete_now(target: PurgeTarget) -> Deleted:
         if not stat.S_ISDIR(st.st_mode):
             os.unlink(name, dir_fd=parent)  # a file, or a symlink removed as a link
             return Deleted("deleted", 1)
+        slot = None
+        if trash is not None:
+            slot, complete = trash.move_aside(target.root, parent, name, keep_dir=target.is_zone_root)
+            if complete:
+                return Deleted("deleted", None, slot)
         if target.is_zone_root:
-            return Deleted("deleted", empty_dir_at(parent, name))
-        return Deleted("deleted", remove_tree_at(parent, name))
+            return Deleted("deleted", empty_dir_at(parent, name), slot)
+        try:
+            return Deleted("deleted", remove_tree_at(parent, name), slot)
+        except FileNotFoundError:
+            return Deleted("deleted", 0, slot)
     finally:
         os.close(parent)
-
-
-def remove_tree_at(parent_fd: int, name: str) -> int:
-    """Remove directory *name* in *parent_fd* and everything below it; return the files removed."""
-    count = empty_dir_at(parent_fd, name)
-    os.rmdir(name, dir_fd=parent_fd)
-    return count
-
-
-def empty_dir_at(parent_fd: int, name: str) -> int:
-    """Remove everything inside directory *name* in *parent_fd*, keeping the directory itself."""
-    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    try:
-        return empty_dir_fd(fd)
-    finally:
-        os.close(fd)
-
-
-def empty_dir_fd(fd: int) -> int:
-    """Remove everything inside the open directory *fd*; return the number of non-directories removed."""
-    count = 0
-    with os.scandir(fd) as entries:
-        names = [(e.name, _is_dir(e)) for e in entries]
-    for name, is_dir in names:
-        if is_dir:
-            try:
-                count += remove_tree_at(fd, name)
-                continue
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                    raise
-                # Swapped for a symlink or a file since the listing: fall through and unlink it.
-        try:
-            os.unlink(name, dir_fd=fd)
-            count += 1
-        except FileNotFoundError:
-            pass
-        except IsADirectoryError:  # replaced by a directory since the listing
-            count += remove_tree_at(fd, name)
-    return count
-
-
-def _is_dir(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_dir(follow_symlinks=False)
-    except OSError:
-        return False
-
-
-def _is_symlink(parent_fd: int, name: str) -> bool:
-    try:
-        return stat.S_ISLNK(os.lstat(name, dir_fd=parent_fd).st_mode)
-    except OSError:
-        return False
-
-
-def _prefix(target: PurgeTarget, depth: int) -> str:
-    return target.root + "/" + "/".join(target.parts[: depth + 1])

@@ -6,6 +6,7 @@ coordinator), which is most of a small purge's latency. Results come back with `
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Any, Callable
@@ -21,9 +22,11 @@ class WorkerThread:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, name: str) -> None:
+    def __init__(self, reactor: Any, name: str, nice: int = 0) -> None:
         self._reactor = reactor
         self._name = name
+        self._nice = nice
+        self._abandoned = False
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
@@ -36,6 +39,11 @@ class WorkerThread:
         """Run *job* on the thread; call ``done(ok, result_or_exception)`` on the reactor thread."""
         self._jobs.put((job, done))
 
+    def abandon(self) -> None:
+        """Skip the jobs still queued; the running one finishes. For work that start-up redoes anyway."""
+        self._abandoned = True
+        self._jobs.put(_STOP)
+
     def stop(self) -> Deferred[None]:
         """Finish the queued jobs, then end the thread; fires on the reactor thread when it has."""
         if self._stopped is None:
@@ -47,8 +55,15 @@ class WorkerThread:
         return self._stopped
 
     def _loop(self) -> None:
+        if self._nice:
+            try:  # Linux: the priority of this thread alone
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+            except OSError as e:
+                self._reactor.callFromThread(self.log.warn, "cannot lower {name}'s priority: {e}", name=self._name, e=e)
         while True:
             item = self._jobs.get()
+            if self._abandoned:
+                return
             if item is _STOP:
                 self._reactor.callFromThread(self._stopped.callback, None)  # type: ignore[union-attr]
                 return

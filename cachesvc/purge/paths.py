@@ -39,7 +39,8 @@ class PurgeTarget:
 class PathPolicy:
     """Maps a request line to a :class:`PurgeTarget` below one of *roots*, or raises :class:`Refused`."""
 
-    def __init__(self, roots: Sequence[str]) -> None:
+    def __init__(self, roots: Sequence[str], trash: str | None = None) -> None:
+        self._trash = trash
         # Longest root first, so a root nested in another one wins for paths below it.
         self._roots = sorted(
             ((root, tuple(p for p in root.split("/") if p)) for root in roots),
@@ -70,5 +71,8 @@ class PathPolicy:
             if parts[: len(root_parts)] == root_parts:
                 if len(parts) == len(root_parts):
                     raise Refused(f"{root} is a cache root itself; purge a site below it")
-                return PurgeTarget(root, parts[len(root_parts) :])
+                target = PurgeTarget(root, parts[len(root_parts) :])
+                if self._trash and (target.path + "/").startswith(self._trash + "/"):
+                    raise Refused("that is the purge daemon's trash")
+                return target
         raise Refused(f"outside every cache root ({', '.join(self.roots)})")

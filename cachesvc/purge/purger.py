@@ -1,15 +1,43 @@
-"""One purge request, start to finish: policy, deletion, and the one log line that records it."""
+"""One purge request, start to finish: what it names, who deletes it, and the log line that records it.
+
+A request is a path below a cache root, a URL (the cache files nginx would use for it), or a URL
+ending in ``*`` (every cached key with that prefix). Purges of the same path share one operation,
+and a purge below a path that is being purged waits for that purge first.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Generator
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from cachesvc.purge.deleter import IDeleter
-from cachesvc.purge.paths import PathPolicy, Refused
+from cachesvc.purge.deleter import Deleted, IDeleter
+from cachesvc.purge.nginxcache import PrefixScanner
+from cachesvc.purge.paths import PathPolicy, PurgeTarget, Refused
+from cachesvc.purge.trash import Trash
+from cachesvc.purge.zones import ZoneMap
+
+URL_SCHEMES = (b"http://", b"https://")
+
+
+class _Shared:
+    """One operation that several requests wait on."""
+
+    def __init__(self) -> None:
+        self._waiters: list[Deferred[Any]] = []
+
+    def observe(self) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def settle(self, result: Any) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.errback(result) if isinstance(result, Failure) else d.callback(result)
 
 
 class Purger:
@@ -17,10 +45,22 @@ class Purger:
 
     log = Logger()
 
-    def __init__(self, policy: PathPolicy, deleter: IDeleter, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        policy: PathPolicy,
+        deleter: IDeleter,
+        clock: IReactorTime,
+        zones: ZoneMap | None = None,
+        trash: Trash | None = None,
+        scanner: PrefixScanner | None = None,
+    ) -> None:
         self.policy = policy
         self.deleter = deleter
         self.clock = clock
+        self.zones = zones
+        self.trash = trash
+        self.scanner = scanner
+        self._inflight: dict[PurgeTarget, _Shared] = {}
 
     @inlineCallbacks
     def purge(self, raw: bytes) -> Generator[Deferred[Any], Any, bool]:
@@ -28,24 +68,78 @@ class Purger:
         started = self.clock.seconds()
         shown = raw.decode("utf-8", "backslashreplace")
         try:
-            target = self.policy.target(raw)
-            done = yield self.deleter.delete(target)
+            if raw.startswith(URL_SCHEMES):
+                detail = yield self._purge_url(raw)
+            else:
+                done = yield self.delete(self.policy.target(raw))
+                detail = (done.outcome, _files(done))
         except Refused as e:
-            self._record(shown, "refused", str(e), 0, started)
+            self._record(shown, "refused", f": {e}", started)
             return False
         except OSError as e:
-            self._record(shown, "failed", f"{e.strerror or e} ({e.filename or shown})", 0, started)
+            self._record(shown, "failed", f": {e.strerror or e} ({e.filename or shown})", started)
             return False
         except Exception as e:
             self.log.failure("purge {path!r} crashed", path=shown)
-            self._record(shown, "failed", repr(e), 0, started)
+            self._record(shown, "failed", f": {e!r}", started)
             return False
-        self._record(shown, done.outcome, "", done.files, started)
+        self._record(shown, *detail, started)
         return True
 
-    def _record(self, path: str, outcome: str, reason: str, files: int, started: float) -> None:
-        ms = (self.clock.seconds() - started) * 1000
-        fmt = "purge {path!r} {outcome}" + (": {reason}" if reason else "") + ", {files} files, {ms:.1f} ms"
-        emit = self.log.warn if outcome in ("refused", "failed") else self.log.info
-        emit(fmt, path=path, outcome=outcome, reason=reason, files=files, ms=ms)
+    def delete(self, target: PurgeTarget) -> Deferred[Deleted]:
+        """Delete *target*, sharing an identical purge in flight and waiting for an ancestor's."""
+        same = self._inflight.get(target)
+        if same is not None:
+            return same.observe()
+        ancestors = [op.observe() for t, op in self._inflight.items() if t.contains(target)]
+        op = self._inflight[target] = _Shared()
+        start = DeferredList(ancestors, consumeErrors=True) if ancestors else succeed(None)
+        start.addCallback(lambda _: self.deleter.delete(target))
+        start.addCallback(self._discard_trash, target)
+        start.addBoth(self._settle, target, op)
+        return op.observe()
 
+    def _settle(self, result: Any, target: PurgeTarget, op: _Shared) -> None:
+        del self._inflight[target]
+        op.settle(result)
+
+    def _discard_trash(self, done: Deleted, target: PurgeTarget) -> Deleted:
+        if done.slot is not None and self.trash is not None:
+            self.trash.discard(done.slot, target.path).addErrback(lambda _: None)  # logged by the trash
+        return done
+
+    @inlineCallbacks
+    def _purge_url(self, raw: bytes) -> Generator[Deferred[Any], Any, tuple[str, str]]:
+        try:
+            url = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Refused("URL is not valid UTF-8") from None
+        if self.zones is None or not self.zones.zones:
+            raise Refused("URL purges need purge.zones in the config")
+        if url.endswith("*"):
+            if self.scanner is None:
+                raise Refused("prefix purges are not enabled")
+            scanned = deleted = 0
+            for zone, prefixes in self.zones.prefixes(url[:-1]):
+                result = yield self.scanner.scan(zone, prefixes)
+                scanned += result.scanned
+                deleted += result.deleted
+            return ("deleted" if deleted else "absent"), f", {deleted} of {scanned} files matched"
+        outcomes = yield DeferredList([self.delete(t) for t in self.zones.files(url)], consumeErrors=True)
+        files = 0
+        for ok, value in outcomes:
+            if not ok:
+                value.raiseException()
+            files += value.files or 0
+        return ("deleted" if files else "absent"), f", {files} files"
+
+    def _record(self, path: str, outcome: str, detail: str, started: float) -> None:
+        ms = (self.clock.seconds() - started) * 1000
+        emit = self.log.warn if outcome in ("refused", "failed") else self.log.info
+        emit("purge {path!r} {outcome}{detail}, {ms:.1f} ms", path=path, outcome=outcome, detail=detail, ms=ms)
+
+
+def _files(done: Deleted) -> str:
+    if done.files is None:
+        return " (moved to trash; deleting in the background)"
+    return f", {done.files} files"

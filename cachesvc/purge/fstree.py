@@ -1,0 +1,115 @@
+"""Descriptor-relative filesystem walks that never follow a symlink (blocking; thread use only).
+
+Every step is relative to an open directory descriptor and opened with ``O_NOFOLLOW``: a symlink
+planted anywhere between a cache root and a target refuses the operation, and one swapped in during
+a recursive delete is unlinked as a link, never descended into (the guarantee of Python's fd-based
+``shutil.rmtree``, re-implemented here to count files and to share the walk with the scanner).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from cachesvc.purge.paths import PurgeTarget, Refused
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_parent(target: PurgeTarget) -> int | None:
+    """Open the directory holding *target*'s last part; ``None`` if it does not exist.
+
+    Raises :class:`Refused` if any component below the root is a symlink.
+    """
+    parent = os.open(target.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for depth, name in enumerate(target.parts[:-1]):
+        try:
+            child = os.open(name, DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            os.close(parent)
+            return None
+        except OSError as e:
+            symlink = e.errno == errno.ELOOP or _is_symlink(parent, name)
+            os.close(parent)
+            if symlink:
+                raise Refused(f"symlink at {target.root}/{'/'.join(target.parts[: depth + 1])}") from None
+            if e.errno == errno.ENOTDIR:
+                return None  # a file where a directory would be: nothing below it
+            raise
+        os.close(parent)
+        parent = child
+    return parent
+
+
+def open_dir(target: PurgeTarget) -> int | None:
+    """Open *target* itself as a directory, refusing symlinks; ``None`` if it is absent or not a directory."""
+    parent = open_parent(target)
+    if parent is None:
+        return None
+    try:
+        return os.open(target.parts[-1], DIR_FLAGS, dir_fd=parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise Refused(f"symlink at {target.path}") from None
+        raise
+    finally:
+        os.close(parent)
+
+
+def remove_tree_at(parent_fd: int, name: str) -> int:
+    """Remove directory *name* in *parent_fd* and everything below it; return the files removed."""
+    count = empty_dir_at(parent_fd, name)
+    os.rmdir(name, dir_fd=parent_fd)
+    return count
+
+
+def empty_dir_at(parent_fd: int, name: str) -> int:
+    """Remove everything inside directory *name* in *parent_fd*, keeping the directory itself."""
+    fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        return empty_dir_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def empty_dir_fd(fd: int) -> int:
+    """Remove everything inside the open directory *fd*; return the number of non-directories removed."""
+    count = 0
+    with os.scandir(fd) as entries:
+        names = [(e.name, _is_dir(e)) for e in entries]
+    for name, is_dir in names:
+        if is_dir:
+            try:
+                count += remove_tree_at(fd, name)
+                continue
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                # Swapped for a symlink or a file since the listing: fall through and unlink it.
+        try:
+            os.unlink(name, dir_fd=fd)
+            count += 1
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:  # replaced by a directory since the listing
+            count += remove_tree_at(fd, name)
+    return count
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _is_symlink(parent_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=parent_fd).st_mode)
+    except OSError:
+        return False

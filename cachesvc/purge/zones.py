@@ -1,0 +1,190 @@
+"""From a URL to the nginx cache files that hold it, computed as nginx computes them.
+
+nginx names a cache file ``md5(key)`` in lower-case hex, below ``levels`` directories cut from the
+*end* of the hash (``levels=1:2`` puts ``…0921710ccd5`` in ``5/cd/``). The key is the zone's
+``fastcgi_cache_key`` with nginx variables filled in from the request; here the request is the
+URL a client asks to purge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+from urllib.parse import unquote
+
+from cachesvc.config import ZoneConfig
+from cachesvc.purge.paths import PathPolicy, PurgeTarget, Refused
+
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+_URL_END_OF_AUTHORITY = re.compile(r"[/?#]")
+_UNSAFE_IN_REQUEST = re.compile(rb"[^\x21-\x7e]")  # what a client percent-encodes before sending
+
+VARIABLES = ("scheme", "request_method", "host", "http_host", "request_uri", "uri", "args", "query_string", "is_args")
+"""nginx variables a purge URL can fill in. ``$uri`` is the decoded path with ``//`` merged."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """The parts of a URL that nginx variables are made of."""
+
+    scheme: str
+    host: str  # lower-case, without port: nginx $host
+    http_host: str  # as written, with port: nginx $http_host
+    path: str  # as sent on the wire (non-ASCII percent-encoded)
+    query: str | None  # None when the URL has no "?"
+
+    @property
+    def request_uri(self) -> str:
+        return self.path if self.query is None else f"{self.path}?{self.query}"
+
+    def twin(self) -> Request:
+        """The same URL with the trailing slash toggled: WordPress serves both, nginx caches both."""
+        if self.path == "/":
+            return self
+        path = self.path[:-1] if self.path.endswith("/") else self.path + "/"
+        return Request(self.scheme, self.host, self.http_host, path, self.query)
+
+    def variables(self, method: str) -> dict[str, str]:
+        query = self.query or ""
+        return {
+            "scheme": self.scheme,
+            "request_method": method,
+            "host": self.host,
+            "http_host": self.http_host,
+            "request_uri": self.request_uri,
+            "uri": re.sub("/+", "/", unquote(self.path)),
+            "args": query,
+            "query_string": query,
+            "is_args": "?" if query else "",
+        }
+
+
+def parse_url(url: str) -> Request:
+    """Split an ``http(s)://`` URL the way it would reach nginx; raise ``Refused`` if it cannot."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("http", "https"):
+        raise Refused("not an http:// or https:// URL")
+    cut = _URL_END_OF_AUTHORITY.search(rest)
+    authority, tail = (rest[: cut.start()], rest[cut.start() :]) if cut else (rest, "")
+    authority = authority.rpartition("@")[2]
+    if authority.startswith("["):
+        host = authority[: authority.find("]") + 1]
+    else:
+        host = authority.partition(":")[0]
+    if not host:
+        raise Refused("URL has no host")
+    tail = tail.partition("#")[0]
+    path, qmark, query = tail.partition("?")
+    path = path or "/"
+    return Request(scheme, host.lower().rstrip("."), authority, _as_sent(path), _as_sent(query) if qmark else None)
+
+
+def _as_sent(text: str) -> str:
+    raw = text.encode("utf-8")
+    return _UNSAFE_IN_REQUEST.sub(lambda m: b"%%%02X" % m.group()[0], raw).decode("ascii")
+
+
+def render_key(template: str, variables: dict[str, str]) -> str:
+    return _VARIABLE.sub(lambda m: variables[m.group(1) or m.group(2)], template)
+
+
+def cache_file(zone_dir: str, levels: Sequence[int], key: str) -> str:
+    digest = hashlib.md5(key.encode("utf-8")).hexdigest()
+    end = len(digest)
+    parts = [zone_dir]
+    for width in levels:
+        parts.append(digest[end - width : end])
+        end -= width
+    parts.append(digest)
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class Zone:
+    hosts: frozenset[str]  # lower-case; "*" matches any host
+    path: str  # may hold {host}
+    levels: tuple[int, ...]
+    key: str
+    methods: tuple[str, ...]
+
+    def matches(self, host: str) -> bool:
+        return "*" in self.hosts or host in self.hosts
+
+    def directory(self, host: str) -> str:
+        return self.path.replace("{host}", host)
+
+
+class ZoneMap:
+    """Finds the cache files and key prefixes of a URL in every configured zone that serves its host."""
+
+    def __init__(self, zones: Sequence[ZoneConfig], policy: PathPolicy) -> None:
+        self.policy = policy
+        self.zones = [
+            Zone(
+                frozenset(h.lower() for h in z.hosts),
+                z.path.rstrip("/"),
+                tuple(int(n) for n in z.levels.split(":")) if z.levels else (),
+                z.key,
+                tuple(m.upper() for m in z.methods),
+            )
+            for z in zones
+        ]
+
+    @staticmethod
+    def check(zone: ZoneConfig, roots: Sequence[str]) -> None:
+        """Raise ``ValueError`` with the fix when *zone* cannot describe an nginx cache below *roots*."""
+        if not zone.hosts:
+            raise ValueError('hosts: list the host names this zone caches, or ["*"] for any host')
+        levels = zone.levels.split(":") if zone.levels else []
+        if len(levels) > 3 or any(n not in ("1", "2") for n in levels):
+            raise ValueError(f"levels: {zone.levels!r} is not nginx syntax; write up to three 1s or 2s joined by ':', e.g. 1:2")
+        for m in _VARIABLE.finditer(zone.key):
+            if (m.group(1) or m.group(2)) not in VARIABLES:
+                raise ValueError(f"key: ${m.group(1) or m.group(2)} is not supported; use {', '.join('$' + v for v in VARIABLES)}")
+        if "$" in _VARIABLE.sub("", zone.key):
+            raise ValueError(f"key: {zone.key!r} has a '$' that is not a variable")
+        if not zone.methods or any(not m.isalpha() for m in zone.methods):
+            raise ValueError(f"methods: {zone.methods!r}; list HTTP methods, e.g. [GET, HEAD]")
+        sample = zone.path.replace("{host}", "example.com")
+        try:
+            PathPolicy(roots).target(sample.encode())
+        except Refused as e:
+            raise ValueError(f"path: {zone.path!r} is not below a cache root ({e}); e.g. {roots[0]}/{{host}}") from None
+
+    def files(self, url: str) -> list[PurgeTarget]:
+        """Every cache file that may hold *url*: each matching zone, method, and the trailing-slash twin."""
+        request = parse_url(url)
+        found: list[PurgeTarget] = []
+        for zone, directory in self._zones_for(request):
+            for variant in dict.fromkeys([request, request.twin()]):
+                for method in zone.methods:
+                    key = render_key(zone.key, variant.variables(method))
+                    target = self.policy.target(cache_file(directory, zone.levels, key).encode())
+                    if target not in found:
+                        found.append(target)
+        return found
+
+    def prefixes(self, url: str) -> list[tuple[PurgeTarget, list[bytes]]]:
+        """For ``…/blog/*``: each matching zone directory and the key prefixes to delete in it."""
+        request = parse_url(url)
+        found: list[tuple[PurgeTarget, list[bytes]]] = []
+        for zone, directory in self._zones_for(request):
+            tail = _VARIABLE.split(zone.key)[-1]
+            last = list(_VARIABLE.finditer(zone.key))
+            if tail or not last or (last[-1].group(1) or last[-1].group(2)) not in ("request_uri", "uri"):
+                raise Refused("prefix purge needs a zone key that ends with $request_uri or $uri")
+            keys = [render_key(zone.key, request.variables(m)).encode() for m in zone.methods]
+            found.append((self.policy.target(directory.encode()), list(dict.fromkeys(keys))))
+        return found
+
+    def _zones_for(self, request: Request) -> Iterator[tuple[Zone, str]]:
+        matched = False
+        for zone in self.zones:
+            if zone.matches(request.host):
+                matched = True
+                yield zone, zone.directory(request.host)
+        if not matched:
+            raise Refused(f"no purge.zones entry serves host {request.host!r}")
