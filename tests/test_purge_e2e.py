@@ -15,7 +15,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.daemon import TOP, Daemon, free_port, purge, read_all
+from tests.daemon import Daemon, free_port, purge, read_all
+from tests.nginxfiles import write_entry
 
 OK = b"Purge: Success\n"
 ERR = b"Purge: Error\n"
@@ -29,7 +30,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int
     root.mkdir()
     port = free_port()
     conf = base / "cachesvc.yaml"
-    conf.write_text(f"purge:\n  listen: tcp:{port}:interface=127.0.0.1\n  roots: [{root}]\n  idle_timeout: 1500ms\n")
+    conf.write_text(
+        f"purge:\n  listen: tcp:{port}:interface=127.0.0.1\n  roots: [{root}]\n  idle_timeout: 1500ms\n"
+        f"  zones:\n    - hosts: ['*']\n      path: {root}/{{host}}\n"
+    )
     daemon = Daemon(["--config", str(conf)], base)
     try:
         daemon.wait_for_port(port)
@@ -305,3 +309,92 @@ def test_io_error_answers_error_and_daemon_keeps_serving() -> None:
             daemon.stop()
     finally:
         shutil.rmtree(base)
+
+
+def wait_until(check, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_url_purge_removes_every_method_and_the_twin(served) -> None:
+    root, port, _ = served
+    zone = root / "url.example"
+    hit = [write_entry(zone, k) for k in ("httpsGETurl.example/post", "httpsHEADurl.example/post", "httpsGETurl.example/post/")]
+    keep = write_entry(zone, "httpsGETurl.example/post/other")
+    assert purge(port, b"https://URL.example/post\n") == OK
+    assert not any(p.exists() for p in hit) and keep.exists()
+    assert purge(port, b"https://url.example/post\n") == OK  # nothing left: still a success
+
+
+def test_prefix_purge(served) -> None:
+    root, port, daemon = served
+    zone = root / "prefix.example"
+    blog = [write_entry(zone, f"httpsGETprefix.example/blog/{i}?p=1") for i in range(50)]
+    shop = [write_entry(zone, f"httpsGETprefix.example/shop/{i}") for i in range(50)]
+    assert purge(port, b"https://prefix.example/blog/*\n") == OK
+    assert not any(p.exists() for p in blog) and all(p.exists() for p in shop)
+    daemon.wait_for_log("purge 'https://prefix.example/blog/*' deleted, 50 of 100 files matched")
+
+
+def test_url_and_trash_refusals(served) -> None:
+    root, port, _ = served
+    assert purge(port, f"{root}/.cachesvc-trash\n".encode()) == ERR
+    assert purge(port, f"{root}/.cachesvc-trash/x\n".encode()) == ERR
+    assert purge(port, b"https://../etc\n") == ERR
+    assert purge(port, b"gopher://example.com/\n") == ERR  # not a URL: an invalid relative path
+    assert (root / ".cachesvc-trash").is_dir()
+
+
+def test_large_zone_purge_replies_before_deleting(served) -> None:
+    root, port, daemon = served
+    zone = root / "large.example"
+    for i in range(20000):
+        d = zone / f"{i % 16:x}" / f"{i % 256:02x}"
+        if i < 256:
+            d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:032x}").write_bytes(b"x")
+    started = time.monotonic()
+    assert purge(port, f"{zone}\n".encode()) == OK
+    replied = time.monotonic() - started
+    assert files_below(zone) == 0 and zone.is_dir()  # gone from nginx's view at reply time
+    assert replied < 2.0, replied  # generous: the reply does not wait for 20,000 unlinks
+    wait_until(lambda: files_below(root / ".cachesvc-trash") == 0)
+    daemon.wait_for_log(f"background delete of '{zone}' finished: 20000 files")
+
+
+def test_leftover_trash_is_deleted_at_start(tmp_path: Path, cache_root: Path) -> None:
+    leftover = cache_root / ".cachesvc-trash" / "1234-0" / "tree" / "a"
+    leftover.mkdir(parents=True)
+    for i in range(10):
+        (leftover / str(i)).write_text("x")
+    port = free_port()
+    daemon = Daemon(["--cache-root", str(cache_root), "--purge-listen", f"tcp:{port}:interface=127.0.0.1"], tmp_path)
+    try:
+        daemon.wait_for_port(port)
+        wait_until(lambda: not any((cache_root / ".cachesvc-trash").iterdir()))
+        daemon.wait_for_log("deleted 10 leftover files from trash")
+    finally:
+        daemon.stop()
+
+
+def test_trash_on_another_filesystem_deletes_in_place(tmp_path: Path, cache_root: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == cache_root.stat().st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the temporary directory")
+    trash = Path(tempfile.mkdtemp(dir=shm)) / "trash"
+    conf = tmp_path / "c.yaml"
+    port = free_port()
+    conf.write_text(f"purge:\n  listen: tcp:{port}:interface=127.0.0.1\n  roots: [{cache_root}]\n  trash_dir: {trash}\n")
+    zone = site(cache_root, "inplace.example", files=7)
+    daemon = Daemon(["--config", str(conf)], tmp_path)
+    try:
+        daemon.wait_for_port(port)
+        daemon.wait_for_log("is not on the trash's filesystem")
+        assert purge(port, f"{zone}\n".encode()) == OK
+        assert files_below(zone) == 0 and zone.is_dir()
+        daemon.wait_for_log(f"purge '{zone}' deleted, 7 files")
+    finally:
+        daemon.stop()
+        shutil.rmtree(trash.parent)

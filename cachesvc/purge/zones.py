@@ -74,12 +74,15 @@ def parse_url(url: str) -> Request:
         host = authority[: authority.find("]") + 1]
     else:
         host = authority.partition(":")[0]
-    if not host:
-        raise Refused("URL has no host")
+    host = host.lower()
+    if host.endswith("."):
+        host = host[:-1]  # one trailing dot, as nginx's $host drops it
+    if not host or host in (".", "..") or "\\" in host:
+        raise Refused("URL has no usable host")
     tail = tail.partition("#")[0]
     path, qmark, query = tail.partition("?")
     path = path or "/"
-    return Request(scheme, host.lower().rstrip("."), authority, _as_sent(path), _as_sent(query) if qmark else None)
+    return Request(scheme, host, authority, _as_sent(path), _as_sent(query) if qmark else None)
 
 
 def _as_sent(text: str) -> str:
