@@ -92,3 +92,35 @@ def test_root_that_is_a_file(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="cannot read config file"):
         config.resolve(str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize(
+    "section, expected",
+    [
+        ("  trash_dir: {root}/example.com/.trash\n", ["purge.trash_dir", "inside a cache zone", "cache loader"]),
+        ("  trash_dir: {root}\n", ["purge.trash_dir", "would contain the cache root"]),
+        ("  trash_dir: relative/trash\n", ["purge.trash_dir", "relative"]),
+        ("  trash_dir: /no/such/parent/trash\n", ["purge.trash_dir", "parent", "does not exist"]),
+        ("  zones:\n    - hosts: [a.example]\n", ["purge.zones[0].path", "required field is missing"]),
+        ("  zones:\n    - path: /x\n      hosts: [a]\n      levels: '1:3'\n", ["purge.zones[0]", "levels", "1:2"]),
+        ("  zones:\n    - hosts: [a]\n      path: /elsewhere/{{host}}\n", ["purge.zones[0]", "not below a cache root"]),
+        ("  zones:\n    - hosts: [a]\n      path: {root}/{{host}}\n      colour: red\n", ["purge.zones[0].colour", "unknown configuration field"]),
+    ],
+)
+def test_trash_and_zone_refusals(tmp_path: Path, cache_root: Path, section: str, expected: list[str]) -> None:
+    path = write(tmp_path, f"purge:\n  roots: [{cache_root}]\n" + section.format(root=cache_root))
+    with pytest.raises(config.ConfigError) as e:
+        config.resolve(path)
+    for fragment in expected:
+        assert fragment in str(e.value)
+
+
+def test_trash_outside_the_roots_and_zones_are_accepted(tmp_path: Path, cache_root: Path) -> None:
+    path = write(
+        tmp_path,
+        f"purge:\n  roots: [{cache_root}]\n  trash_dir: {tmp_path}/trash\n"
+        f"  zones:\n    - hosts: ['*']\n      path: {cache_root}/{{host}}\n      levels: '2'\n      methods: [GET]\n",
+    )
+    c = config.resolve(path)
+    assert c.purge is not None and c.purge.trash_dir == f"{tmp_path}/trash"
+    assert c.purge.zones == [config.ZoneConfig(["*"], f"{cache_root}/{{host}}", "2", "$scheme$request_method$host$request_uri", ["GET"])]
