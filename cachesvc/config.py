@@ -28,6 +28,11 @@ DURATION = "duration"
 
 Duration = Annotated[float, DURATION]
 
+GO_DURATION = "go-duration"
+"""Marker for EdgeComet fields: like ``DURATION``, and a bare integer is nanoseconds, as Go reads it."""
+
+GoDuration = Annotated[float, GO_DURATION]
+
 T = TypeVar("T")
 
 
@@ -54,12 +59,106 @@ class PurgeConfig:
     zones: list[ZoneConfig] = field(default_factory=list)
 
 
+# --- the EdgeComet Cache Daemon's sections (cache-daemon.yaml), Go field names -------------------
+# ``None`` means "not in the file": the documented default applies; an explicit value is checked
+# with the Go daemon's rules and messages.
+
+
+@dataclass
+class RedisConfig:
+    addr: str = ""
+    password: str = ""
+    db: int = 0
+
+
+@dataclass
+class SchedulerConfig:
+    tick_interval: GoDuration | None = None
+    normal_check_interval: GoDuration | None = None
+
+
+@dataclass
+class InternalQueueConfig:
+    max_size: int | None = None
+    max_retries: int | None = None
+    retry_base_delay: GoDuration | None = None
+
+
+@dataclass
+class RecacheConfig:
+    rs_capacity_reserved: float | None = None
+    timeout_per_url: GoDuration | None = None
+    high_queue_limit: int = 1000
+
+
+@dataclass
+class HTTPAPIConfig:
+    enabled: bool | None = None
+    listen: str = ""
+    request_timeout: GoDuration | None = None
+    scheduler_control_api: bool = False
+    max_body_size: int = 4 * 1024 * 1024
+
+
+@dataclass
+class ConsoleLogConfig:
+    enabled: bool = False
+    format: str = ""
+    level: str = ""
+
+
+@dataclass
+class RotationConfig:
+    max_size: int = 0
+    max_age: int = 0
+    max_backups: int = 0
+    compress: bool = False
+
+
+@dataclass
+class FileLogConfig:
+    enabled: bool = False
+    path: str = ""
+    format: str = ""
+    level: str = ""
+    rotation: RotationConfig = field(default_factory=RotationConfig)
+
+
+@dataclass
+class LoggingConfig:
+    level: str = ""
+    console: ConsoleLogConfig = field(default_factory=ConsoleLogConfig)
+    file: FileLogConfig = field(default_factory=FileLogConfig)
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = False
+    listen: str = ""
+    path: str = ""
+    namespace: str = ""
+
+
 @dataclass
 class Config:
-    """The whole file. ``purge`` is ``None`` when a file is given without a ``purge:`` section."""
+    """The whole file: EdgeComet's cache-daemon.yaml fields plus ``purge:``.
+
+    ``purge`` is ``None`` when a file is given without a ``purge:`` section; the recache half runs
+    when ``eg_config`` is set.
+    """
 
     purge: PurgeConfig | None = None
+    eg_config: str | None = None
+    daemon_id: str = ""
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    internal_queue: InternalQueueConfig = field(default_factory=InternalQueueConfig)
+    recache: RecacheConfig = field(default_factory=RecacheConfig)
+    http_api: HTTPAPIConfig = field(default_factory=HTTPAPIConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str | None = field(default=None, metadata={"internal": True})
+    settings: Any = field(default=None, metadata={"internal": True})  # RecacheSettings, once checked
 
 
 def load(path: str | None) -> Config:
@@ -109,6 +208,10 @@ def _convert(hint: Any, value: Any, path: str, source: str | None) -> Any:
     if origin is Annotated:
         base, *marks = typing.get_args(hint)
         if DURATION in marks:
+            return _duration(value, label)
+        if GO_DURATION in marks:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value / 1e9  # Go reads a bare integer as nanoseconds
             return _duration(value, label)
         return _convert(base, value, path, source)
     if origin in (Union, types.UnionType):
@@ -244,9 +347,14 @@ def resolve(path: str | None, listen: str | None = None, roots: Sequence[str] = 
             config.purge.listen = listen
         if roots:
             config.purge.roots = list(roots)
-    if config.purge is None:
+    if config.purge is None and config.eg_config is None:
         raise ConfigError(
-            f"{config.source}: nothing to run; add a purge: section (see README) or pass --cache-root"
+            f"{config.source}: nothing to run; add a purge: section or eg_config (see README), or pass --cache-root"
         )
-    check_purge(config.purge, config.source)
+    if config.purge is not None:
+        check_purge(config.purge, config.source)
+    if config.eg_config is not None:
+        from cachesvc.recache.settings import check_recache
+
+        check_recache(config)
     return config

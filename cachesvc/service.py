@@ -21,4 +21,8 @@ def makeService(config: Config, reactor: Any = None) -> MultiService:
     top = MultiService()
     if config.purge is not None:
         PurgeService(config.purge, reactor).setServiceParent(top)
+    if config.settings is not None:
+        from cachesvc.recache.service import RecacheService
+
+        RecacheService(config.settings, reactor).setServiceParent(top)
     return top

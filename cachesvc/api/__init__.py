@@ -1,0 +1,1 @@
+"""The Cache Daemon HTTP API (twisted.web), wire-compatible with EdgeComet's."""

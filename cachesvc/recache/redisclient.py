@@ -1,0 +1,68 @@
+"""Redis with a deadline on every call.
+
+txredisapi, with ``reconnect=True``, queues a command issued while Redis is down and waits forever;
+here every call is bounded by a timeout and fails with :class:`RedisUnavailable`, so callers (API
+handlers, the scheduler) can answer or skip instead of hanging. Replies are bytes
+(``charset=None``): queue members must come back exactly as stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import txredisapi
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+
+class RedisUnavailable(Exception):
+    """Redis did not answer in time or the connection is down."""
+
+
+class RedisError(Exception):
+    """Redis answered with an error (``BUSY``, ``WRONGTYPE``, a script error…)."""
+
+
+class RedisClient:
+    log = Logger()
+
+    def __init__(self, addr: str, password: str, db: int, reactor: Any, timeout: float = 3.0) -> None:
+        host, _, port = addr.rpartition(":")
+        self.addr = addr
+        self.timeout = timeout
+        self._reactor = reactor
+        self._pool = txredisapi.lazyConnectionPool(
+            host or "localhost",
+            int(port or 6379),
+            dbid=db,
+            poolsize=4,
+            reconnect=True,
+            charset=None,
+            password=password or None,
+            convertNumbers=False,
+            connectTimeout=timeout,
+            replyTimeout=timeout,
+        )
+
+    def call(self, command: str, *args: Any) -> Deferred[Any]:
+        d = maybeDeferred(self._pool.execute_command, command, *args)
+        d.addTimeout(self.timeout, self._reactor)
+        d.addErrback(self._translate, command)
+        return d
+
+    def eval(self, script: bytes, keys: list[Any], args: list[Any]) -> Deferred[Any]:
+        d = maybeDeferred(self._pool.eval, script, keys, args)
+        d.addTimeout(self.timeout, self._reactor)
+        d.addErrback(self._translate, "EVAL")
+        return d
+
+    def _translate(self, failure: Failure, command: str) -> Failure:
+        if failure.check(txredisapi.ResponseError, txredisapi.ScriptDoesNotExist):
+            raise RedisError(str(failure.value))
+        if failure.check(TimeoutError, txredisapi.TimeoutError, txredisapi.ConnectionError, ConnectionError):
+            raise RedisUnavailable(f"Redis at {self.addr} did not answer {command} within {self.timeout:g}s")
+        return failure
+
+    def close(self) -> Deferred[Any]:
+        return maybeDeferred(self._pool.disconnect)
