@@ -25,3 +25,29 @@ def purge_daemon(tmp_path: Path, cache_root: Path) -> Iterator[tuple[Daemon, int
         yield daemon, port
     finally:
         daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One real redis-server for the whole run, started on a free port."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis(redis_server):
+    """A client of the suite's Redis, flushed before each test."""
+    import redis as redis_py
+
+    if redis_server.proc is None:
+        redis_server.start()
+    client = redis_py.Redis(host="127.0.0.1", port=redis_server.port)
+    client.flushall()
+    yield client
+    client.close()
