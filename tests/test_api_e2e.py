@@ -663,3 +663,30 @@ def test_47_scheduler_control_disabled(tmp_path: Path, redis_server) -> None:
             assert Api(port)("POST", path)[:2] == (403, {"success": False, "message": "Scheduler control API not enabled"})
     finally:
         daemon.stop()
+
+
+def test_metrics_served_at_exactly_the_path(tmp_path: Path, redis_server) -> None:
+    mport = free_port()
+    daemon, port = start_with(tmp_path, redis_server, extra=f"metrics: {{enabled: true, listen: '127.0.0.1:{mport}', namespace: shop}}\n")
+    try:
+        daemon.wait_for_port(port)
+        daemon.wait_for_port(mport)
+        api = Api(port)
+        assert api("GET", "/status")[0] == 200
+        assert api("GET", "/status", auth="bad")[0] == 401
+        conn = http.client.HTTPConnection("127.0.0.1", mport, timeout=10)
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        text = response.read().decode()
+        assert response.status == 200
+        assert 'shop_cd_api_requests_total{code="200",endpoint="/status"} 1.0' in text
+        assert 'shop_cd_api_requests_total{code="401",endpoint="/status"} 1.0' in text
+        assert 'shop_cd_redis_operations_total{operation="eval",status="ok"}' in text
+        for name in ("shop_cd_recache_requests_total", "shop_cd_queue_depth", "shop_cd_recache_duration_seconds", "shop_cd_eg_requests_total"):
+            assert f"# TYPE {name.removesuffix('_total')}" in text
+        conn.request("GET", "/metrics/")
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (404, b"Not Found")
+        conn.close()
+    finally:
+        daemon.stop()

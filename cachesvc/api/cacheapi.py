@@ -34,8 +34,9 @@ STRING_FIELDS = {"url", "title", "dimension", "cache_key", "source"}
 class CacheAPI:
     log = Logger()
 
-    def __init__(self, settings: RecacheSettings, store: Store, state: SchedulerState, clock: Any) -> None:
+    def __init__(self, settings: RecacheSettings, store: Store, state: SchedulerState, clock: Any, metrics: Any = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.edge = settings.edge
         self.store = store
         self.state = state
@@ -54,7 +55,7 @@ class CacheAPI:
             (b"POST", b"/internal/scheduler/pause"): self.pause,
             (b"POST", b"/internal/scheduler/resume"): self.resume,
         }
-        return ApiResource(self.edge.auth_key, routes, reactor, self.settings.request_timeout, self.healthz)
+        return ApiResource(self.edge.auth_key, routes, reactor, self.settings.request_timeout, self.healthz, self.metrics)
 
     def site(self, reactor: Any):  # type: ignore[no-untyped-def]
         return make_site(self.resource(reactor), self.settings.max_body_size, self.settings.request_timeout)

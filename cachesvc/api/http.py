@@ -55,8 +55,9 @@ class ApiResource(Resource):
     log = Logger()
 
     def __init__(self, auth_key: str, routes: dict[tuple[bytes, bytes], Handler], reactor: Any,
-                 request_timeout: float, healthz: Handler) -> None:
+                 request_timeout: float, healthz: Handler, metrics: Any = None) -> None:
         super().__init__()
+        self._metrics = metrics
         self._key = auth_key.encode()
         self._routes = routes
         self._reactor = reactor
@@ -112,8 +113,11 @@ class ApiResource(Resource):
             self.log.failure("internal error on {path}", failure, path=request.path.decode("latin-1"))
             self._send(request, 500, envelope(False, "internal error"))
 
-    @staticmethod
-    def _send(request: Request, status: int, body: bytes) -> bytes:
+    def _send(self, request: Request, status: int, body: bytes) -> bytes:
+        if self._metrics is not None:
+            known = (request.method, request.path) in self._routes or request.path == b"/healthz"
+            endpoint = request.path.decode("latin-1") if known else "other"
+            self._metrics.api_requests.labels(endpoint, str(status)).inc()
         if request.finished or request.channel is None:
             return b""
         request.setResponseCode(status)

@@ -27,8 +27,9 @@ class RedisError(Exception):
 class RedisClient:
     log = Logger()
 
-    def __init__(self, addr: str, password: str, db: int, reactor: Any, timeout: float = 3.0) -> None:
+    def __init__(self, addr: str, password: str, db: int, reactor: Any, timeout: float = 3.0, metrics: Any = None) -> None:
         host, _, port = addr.rpartition(":")
+        self._metrics = metrics
         self.addr = addr
         self.timeout = timeout
         self._reactor = reactor
@@ -47,14 +48,21 @@ class RedisClient:
 
     def call(self, command: str, *args: Any) -> Deferred[Any]:
         d = maybeDeferred(self._pool.execute_command, command, *args)
-        d.addTimeout(self.timeout, self._reactor)
-        d.addErrback(self._translate, command)
-        return d
+        return self._bounded(d, command)
 
     def eval(self, script: bytes, keys: list[Any], args: list[Any]) -> Deferred[Any]:
         d = maybeDeferred(self._pool.eval, script, keys, args)
+        return self._bounded(d, "EVAL")
+
+    def _bounded(self, d: Deferred[Any], command: str) -> Deferred[Any]:
         d.addTimeout(self.timeout, self._reactor)
-        d.addErrback(self._translate, "EVAL")
+        d.addErrback(self._translate, command)
+        if self._metrics is not None:
+            counter = self._metrics.redis_operations
+            d.addCallbacks(
+                lambda result: (counter.labels(command.lower(), "ok").inc(), result)[1],
+                lambda failure: (counter.labels(command.lower(), "error").inc(), failure)[1],
+            )
         return d
 
     def _translate(self, failure: Failure, command: str) -> Failure:
