@@ -89,6 +89,10 @@ class RecacheConfig:
     rs_capacity_reserved: float | None = None
     timeout_per_url: GoDuration | None = None
     high_queue_limit: int = 1000
+    lease: GoDuration | None = None  # default: 2 x timeout_per_url
+    edge_gateways: list[str] = field(default_factory=list)  # base URLs, when none is registered
+    gateway_cooldown: GoDuration = 5.0
+    shutdown_grace: GoDuration = 10.0
 
 
 @dataclass

@@ -7,6 +7,8 @@ listing's cursor resumes exactly where a page ended, and scans are bounded batch
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any, Generator
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -22,7 +24,7 @@ from cachesvc.recache.registry import Capacity, format_go_time, healthy_services
 from cachesvc.recache.requests import INVALIDATE_ALL_REQUEST, INVALIDATE_REQUEST, RECACHE_REQUEST
 from cachesvc.recache.settings import RecacheSettings
 from cachesvc.recache.state import SchedulerState
-from cachesvc.recache.store import PRIORITIES, Store, meta_key
+from cachesvc.recache.store import PRIORITIES, Store, deadletter_key, meta_key
 from cachesvc.recache.urlnorm import URLError, normalize, url_hash
 
 MAX_URLS = 10000
@@ -52,6 +54,8 @@ class CacheAPI:
             (b"GET", b"/internal/cache/summary"): self.cache_summary,
             (b"GET", b"/internal/cache/queue"): self.queue,
             (b"GET", b"/internal/cache/queue/summary"): self.queue_summary,
+            (b"GET", b"/internal/cache/deadletter"): self.deadletter,
+            (b"POST", b"/internal/cache/deadletter/requeue"): self.requeue_deadletter,
             (b"POST", b"/internal/scheduler/pause"): self.pause,
             (b"POST", b"/internal/scheduler/resume"): self.resume,
         }
@@ -167,19 +171,23 @@ class CacheAPI:
     # --- status and control ----------------------------------------------------------------------
 
     @inlineCallbacks
-    def capacity(self) -> Generator[Deferred[Any], Any, Capacity]:
-        values = yield self.store.scan_values("service:render:*")
-        return Capacity.of(healthy_services(values, self.clock.seconds()), self.settings.rs_capacity_reserved)
-
-    @inlineCallbacks
     def status(self, request: Request) -> Generator[Deferred[Any], Any, Raw]:
         now = self.clock.seconds()
-        capacity = yield self.capacity()
+        values = yield self.store.scan_values("service:render:*")
+        services = healthy_services(values, now)
+        capacity = Capacity.of(services, self.settings.rs_capacity_reserved)
+        snapshot = min((s.last_seen for s in services), default=now)
+        in_flight, unreflected, _ = yield self.store.inflight_summary(snapshot)
+        line = math.floor((1 - self.settings.rs_capacity_reserved) * sum(s.capacity for s in services) + 1e-9)
+        budget = max(0, line - sum(s.load for s in services) - unreflected)
         host_ids = [h.id for h in self.edge.hosts]
         counts = yield self.store.queue_counts(host_ids, int(now))
+        dead = yield self.store.hash_lengths([deadletter_key(h) for h in host_ids])
+        dead_by_host = dict(zip(host_ids, dead))
         size, max_size = self.state.size, self.state.max_size
         queues = {
-            str(h): {p: {"total": counts[h][p].total, "due_now": counts[h][p].due_now} for p in PRIORITIES}
+            str(h): {**{p: {"total": counts[h][p].total, "due_now": counts[h][p].due_now} for p in PRIORITIES},
+                     "dead_letter": dead_by_host[h]}
             for h in sorted(host_ids, key=str)
         }
         body = encode_object([
@@ -189,7 +197,8 @@ class CacheAPI:
                                 "capacity_used_percent": float(size) / max_size * 100 if max_size else 0.0}),
             ("rs_capacity", {"total_free_tabs": capacity.total_free, "reserved_for_online": capacity.reserved,
                              "available_for_recache": capacity.available,
-                             "reservation_percent": capacity.reservation * 100}),
+                             "reservation_percent": capacity.reservation * 100,
+                             "capacity_line": line, "recache_budget": budget, "in_flight": in_flight}),
             ("queues", queues),
         ])
         return Raw(body)
@@ -330,7 +339,47 @@ class CacheAPI:
         host = self._query_host(request)
         counts = yield self.store.queue_counts([host.id], self._now())
         pending = sum(c.total for c in counts[host.id].values())
-        return envelope(True, data={"pending": pending, "processing": self.state.processing(host.id)})
+        _, _, processing = yield self.store.inflight_summary(self.clock.seconds(), f"recache:{host.id}:")
+        return envelope(True, data={"pending": pending, "processing": processing})
+
+    @inlineCallbacks
+    def deadletter(self, request: Request) -> Generator[Deferred[Any], Any, bytes]:
+        """Entries that will not be retried: rejected by a gateway, out of attempts, or undecodable."""
+        host = self._query_host(request)
+        limit = _limit(request)
+        try:
+            offset = max(0, int(_arg(request, "cursor") or "0"))
+        except ValueError:
+            offset = 0
+        flat = yield self.store.redis.call("HGETALL", deadletter_key(host.id))
+        names = {d.id: d.name for d in host.dimensions}
+        items = []
+        for i in range(0, len(flat), 2):
+            queue, _, member = flat[i].partition(b"\n")
+            record = json.loads(flat[i + 1])
+            try:
+                decoded = decode_member(member)
+                url, dimension = decoded.url, names.get(decoded.dimension_id, "unknown")
+            except GoJSONError:
+                url, dimension = member.decode("utf-8", "replace"), "unknown"
+            items.append({"url": url, "dimension": dimension, "priority": queue.decode().rsplit(":", 1)[-1],
+                          "reason": record.get("reason", ""), "attempts": record.get("attempts", 0),
+                          "failed_at": record.get("failed_at", 0)})
+        items.sort(key=lambda i: (i["failed_at"], i["url"]))
+        page = items[offset : offset + limit]
+        more = offset + limit < len(items)
+        return envelope(True, data={"items": page, "total": len(items), "cursor": str(offset + limit) if more else "0",
+                                    "has_more": more})
+
+    @inlineCallbacks
+    def requeue_deadletter(self, request: Request) -> Generator[Deferred[Any], Any, bytes]:
+        body = self._body(request, INVALIDATE_ALL_REQUEST)
+        if body["host_id"] == 0:
+            raise ApiError(400, "host_id is required")
+        host = self._host(body["host_id"])
+        count = yield self.store.requeue_dead(host.id)
+        self.log.info("re-queued {n} dead-lettered entries host_id={host_id}", n=count, host_id=host.id)
+        return envelope(True, data={"host_id": host.id, "entries_requeued": count})
 
 
 # --- query helpers -------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from cachesvc.api.cacheapi import CacheAPI
 from cachesvc.metrics import Metrics, metrics_site
 from cachesvc.recache.redisclient import RedisClient
+from cachesvc.recache.scheduler import Scheduler
 from cachesvc.recache.settings import RecacheSettings
 from cachesvc.recache.state import SchedulerState
 from cachesvc.recache.store import Store
@@ -40,6 +41,9 @@ class RecacheService(MultiService):
             metrics_port = strports.service(settings.metrics_listen, metrics_site(self.metrics, settings.metrics_path), reactor=reactor)
             metrics_port.setName("metrics")
             metrics_port.setServiceParent(self)
+        self.scheduler = Scheduler(settings, self.store, self.state, reactor, self.metrics)
+        self.scheduler.setName("scheduler")
+        self.scheduler.setServiceParent(self)  # added last: stopped first, before the API and Redis
 
     def startService(self) -> None:
         self.log.info("Starting Cache Daemon daemon_id={daemon_id} hosts={hosts} redis={redis}",

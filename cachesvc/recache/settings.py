@@ -35,6 +35,10 @@ class RecacheSettings:
     rs_capacity_reserved: float
     timeout_per_url: float
     high_queue_limit: int
+    lease: float
+    edge_gateways: tuple[str, ...]
+    gateway_cooldown: float
+    shutdown_grace: float
     api_enabled: bool
     api_listen: str  # a Twisted endpoint string
     request_timeout: float
@@ -102,6 +106,16 @@ def check_recache(config: Config) -> RecacheSettings:
         raise fail(f"recache.rs_capacity_reserved must be between 0.0 and 1.0, got {r.rs_capacity_reserved}")
     if r.timeout_per_url is not None and r.timeout_per_url <= 0:
         raise fail("recache.timeout_per_url must be > 0, e.g. 60s")
+    timeout_per_url = 60.0 if r.timeout_per_url is None else r.timeout_per_url
+    lease = 2 * timeout_per_url if r.lease is None else r.lease
+    if lease <= timeout_per_url:
+        raise fail(f"recache.lease ({format_duration(lease)}) must be longer than timeout_per_url ({format_duration(timeout_per_url)}), "
+                   "or entries still being sent would be handed out again")
+    for i, url in enumerate(r.edge_gateways):
+        if not url.startswith(("http://", "https://")):
+            raise fail(f"recache.edge_gateways[{i}]: {url!r} is not a base URL; write e.g. http://10.0.0.5:10071")
+    if r.gateway_cooldown < 0 or r.shutdown_grace < 0:
+        raise fail("recache.gateway_cooldown and recache.shutdown_grace must be >= 0")
     if r.high_queue_limit < 0:
         raise fail(f"recache.high_queue_limit must be >= 0 (0 = no limit), got {r.high_queue_limit}")
     api_enabled = True if api.enabled is None else api.enabled
@@ -154,8 +168,12 @@ def check_recache(config: Config) -> RecacheSettings:
         max_retries=3 if q.max_retries is None else q.max_retries,
         retry_base_delay=q.retry_base_delay or 5.0,
         rs_capacity_reserved=0.30 if r.rs_capacity_reserved is None else r.rs_capacity_reserved,
-        timeout_per_url=60.0 if r.timeout_per_url is None else r.timeout_per_url,
+        timeout_per_url=timeout_per_url,
         high_queue_limit=r.high_queue_limit,
+        lease=lease,
+        edge_gateways=tuple(u.rstrip("/") for u in r.edge_gateways),
+        gateway_cooldown=r.gateway_cooldown,
+        shutdown_grace=r.shutdown_grace,
         api_enabled=api_enabled,
         api_listen=api_endpoint,
         request_timeout=api.request_timeout or 30.0,

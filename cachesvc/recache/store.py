@@ -28,6 +28,11 @@ def meta_key(host_id: int, dimension_id: int, url_hash: str) -> str:
     return f"meta:cache:{host_id}:{dimension_id}:{url_hash}"
 
 
+def deadletter_key(host_id: int) -> str:
+    """cachesvc's own: entries that will not be retried, field = queue key + "\\n" + member."""
+    return f"cachesvc:deadletter:{host_id}"
+
+
 ENQUEUE = b"""
 local limit = tonumber(ARGV[1])
 if limit > 0 then
@@ -91,6 +96,36 @@ for _, key in ipairs(res[2]) do
   out[#out + 1] = h
 end
 return out
+"""
+
+REQUEUE_DEAD = b"""
+local t = redis.call('TIME')
+local fields = redis.call('HKEYS', KEYS[1])
+for _, id in ipairs(fields) do
+  local nl = string.find(id, '\\n', 1, true)
+  redis.call('ZADD', string.sub(id, 1, nl - 1), 'NX', t[1], string.sub(id, nl + 1))
+  redis.call('HDEL', KEYS[1], id)
+end
+return #fields
+"""
+
+
+HASH_LENGTHS = b"""
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('HLEN', KEYS[i]) end
+return out
+"""
+
+INFLIGHT_SUMMARY = b"""
+local t = redis.call('TIME')
+local ids = redis.call('ZRANGE', 'cachesvc:inflight', 0, -1)
+local unreflected = redis.call('ZCOUNT', 'cachesvc:inflight:started', '(' .. ARGV[1], '+inf')
+local prefix = ARGV[2]
+local mine = 0
+for _, id in ipairs(ids) do
+  if prefix ~= '' and string.sub(id, 1, #prefix) == prefix then mine = mine + 1 end
+end
+return {#ids, unreflected, mine}
 """
 
 QUEUE_COUNTS = b"""
@@ -191,3 +226,22 @@ class Store:
             return []
         values = yield self.redis.call("MGET", *keys)
         return [v for v in values if v]
+
+    @inlineCallbacks
+    def hash_lengths(self, keys: Sequence[str]):  # type: ignore[no-untyped-def]
+        if not keys:
+            return []
+        reply = yield self.redis.eval(HASH_LENGTHS, list(keys), [])
+        return [int(n) for n in reply]
+
+    @inlineCallbacks
+    def inflight_summary(self, snapshot: float, prefix: str = ""):  # type: ignore[no-untyped-def]
+        """(entries in flight for all daemons, of those claimed after *snapshot*, of those with *prefix*)."""
+        total, unreflected, mine = yield self.redis.eval(INFLIGHT_SUMMARY, [], [f"{snapshot:.6f}", prefix])
+        return int(total), int(unreflected), int(mine)
+
+    @inlineCallbacks
+    def requeue_dead(self, host_id: int):  # type: ignore[no-untyped-def]
+        """Put every dead-lettered entry of *host_id* back in its queue, due now; fires with the count."""
+        count = yield self.redis.eval(REQUEUE_DEAD, [deadletter_key(host_id)], [])
+        return int(count)

@@ -1,0 +1,252 @@
+"""The recache scheduler: due entries to Edge Gateways, within the render capacity online traffic leaves.
+
+Each tick reads both registries (SCAN, never KEYS), returns expired leases to their queues, and
+claims as much due work as the budget allows; every finished request triggers a refill, so the
+Render Services stay at the capacity line between ticks instead of idling until the next one.
+High-priority queues are considered on every claim; normal and autorecache at least every
+``normal_check_interval`` and on every claim while due work is waiting there.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from cachesvc.recache.claims import Claim, Ledger
+from cachesvc.recache.dispatch import Dispatcher, GatewayPicker, gateways_from_registry
+from cachesvc.recache.gojson import GoJSONError
+from cachesvc.recache.members import decode_member
+from cachesvc.recache.redisclient import RedisError, RedisUnavailable
+from cachesvc.recache.registry import healthy_services
+from cachesvc.recache.settings import RecacheSettings
+from cachesvc.recache.state import SchedulerState
+from cachesvc.recache.store import Store
+
+
+class Scheduler(Service):
+    log = Logger()
+
+    def __init__(self, settings: RecacheSettings, store: Store, state: SchedulerState, reactor: Any, metrics: Any) -> None:
+        self.settings = settings
+        self.store = store
+        self.state = state
+        self.reactor = reactor
+        self.metrics = metrics
+        self.ledger = Ledger(store.redis, settings.daemon_id, settings.lease)
+        self.gateways = GatewayPicker(settings.edge_gateways, reactor, settings.gateway_cooldown)
+        self.dispatcher = Dispatcher(reactor, settings.edge.auth_key, settings.timeout_per_url, settings.max_size)
+        self.host_ids = [h.id for h in settings.edge.hosts]
+        self.loop = LoopingCall(self.tick)
+        self.loop.clock = reactor
+        self._inflight: dict[bytes, Deferred[None]] = {}
+        self._claims: dict[bytes, Claim] = {}
+        self._room = 0
+        self._snapshot = 0.0
+        self._busy = False
+        self._again = False
+        self._refill_pending = False
+        self._rotation = 0
+        self._normal_due_at = 0.0  # first normal check on the first tick
+        self._normal_active = False
+        self._outage: str | None = None
+        self._rs_keys: list[bytes] = []
+        self._stopping = False
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info("Scheduler started tick_interval={tick}s normal_check_interval={normal}s lease={lease}s",
+                      tick=self.settings.tick_interval, normal=self.settings.normal_check_interval, lease=self.settings.lease)
+        self.loop.start(self.settings.tick_interval, now=False).addErrback(
+            lambda f: self.log.failure("scheduler loop stopped", f))
+
+    @inlineCallbacks
+    def stopService(self):  # type: ignore[no-untyped-def]
+        """Stop claiming, let in-flight requests finish for a while, then give the rest back at once."""
+        self._stopping = True
+        super().stopService()
+        if self.loop.running:
+            self.loop.stop()
+        pending = list(self._inflight.values())
+        if pending:
+            self.log.info("waiting up to {grace}s for {n} in-flight recache requests", grace=self.settings.shutdown_grace, n=len(pending))
+            waiting = DeferredList(pending, consumeErrors=True)
+            waiting.addTimeout(self.settings.shutdown_grace, self.reactor)
+            try:
+                yield waiting
+            except Exception:
+                pass
+        left = list(self._claims.values())
+        if left:
+            results = yield DeferredList([self.ledger.settle(c, "release") for c in left], consumeErrors=True)
+            released = sum(1 for ok, _ in results if ok)
+            self.log.info("released {n} unfinished entries back to their queues", n=released)
+        yield self.dispatcher.close()
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def tick(self) -> Deferred[None]:
+        self.state.last_tick = self.reactor.seconds()
+        if self.state.paused or self._stopping:
+            return succeed(None)
+        return self._cycle(full=True)
+
+    def _refill(self) -> None:
+        self._refill_pending = False
+        if not self.state.paused and not self._stopping and self.running:
+            self._cycle(full=False)
+
+    def _schedule_refill(self) -> None:
+        if not self._refill_pending:
+            self._refill_pending = True
+            self.reactor.callLater(0, self._refill)
+
+    def _cycle(self, full: bool) -> Deferred[None]:
+        if self._busy:
+            self._again = self._again or full
+            return succeed(None)
+        self._busy = True
+        d = self._claim_and_send(full)
+        d.addCallbacks(self._redis_ok, self._redis_failed)
+        d.addErrback(lambda f: self.log.failure("scheduler cycle failed", f))
+        d.addBoth(self._cycle_done)
+        return d
+
+    def _cycle_done(self, _: Any) -> None:
+        self._busy = False
+        if self._again:
+            self._again = False
+            self._schedule_refill()
+
+    def _redis_ok(self, _: Any) -> None:
+        if self._outage is not None:
+            self.log.info("Redis answers again; scheduling resumed")
+            self._outage = None
+
+    def _redis_failed(self, failure: Any) -> None:
+        failure.trap(RedisUnavailable, RedisError)
+        if self._outage is None:
+            self._outage = str(failure.value)
+            self.log.error("Redis unavailable, scheduling paused until it answers: {reason}", reason=self._outage)
+
+    @inlineCallbacks
+    def _claim_and_send(self, full: bool):  # type: ignore[no-untyped-def]
+        if full:
+            yield self._discover()
+        else:
+            yield self._reread_render_services()
+        if not self.gateways.usable:
+            return
+        room = self._room
+        limit = self.settings.max_size - len(self._inflight)
+        if room <= 0 or limit <= 0:
+            return
+        now = self.reactor.seconds()
+        normal = now >= self._normal_due_at or self._normal_active
+        hosts = self.host_ids[self._rotation % len(self.host_ids):] + self.host_ids[: self._rotation % len(self.host_ids)]
+        self._rotation += 1
+        result = yield self.ledger.claim(room, self._snapshot, limit, hosts, 3 if normal else 1)
+        self.state.budget = max(0, result.budget)
+        if normal:
+            self._normal_active = result.more_normal or any(c.priority != "high" for c in result.claims)
+            if not self._normal_active:
+                self._normal_due_at = now + self.settings.normal_check_interval
+        for claim in result.claims:
+            self._start(claim)
+
+    @inlineCallbacks
+    def _discover(self):  # type: ignore[no-untyped-def]
+        eg_values = yield self.store.scan_values("registry:eg:*")
+        self.gateways.update(gateways_from_registry(eg_values))
+        cursor, keys = b"0", []
+        while True:
+            cursor, batch = yield self.store.redis.call("SCAN", cursor, "MATCH", "service:render:*", "COUNT", 1000)
+            keys += batch
+            if cursor in (b"0", "0", 0):
+                break
+        self._rs_keys = sorted(keys)
+        yield self._reread_render_services()
+        reaped = yield self.ledger.reap()
+        if reaped:
+            self.log.warn("returned {n} entries whose lease expired (a daemon stopped mid-request) to their queues", n=reaped)
+        counts = yield self.store.queue_counts(self.host_ids, int(self.reactor.seconds()))
+        for priority in ("high", "normal", "autorecache"):
+            self.metrics.queue_depth.labels(priority).set(sum(c[priority].total for c in counts.values()))
+
+    @inlineCallbacks
+    def _reread_render_services(self):  # type: ignore[no-untyped-def]
+        values = (yield self.store.redis.call("MGET", *self._rs_keys)) if self._rs_keys else []
+        services = healthy_services([v for v in values if v], self.reactor.seconds())
+        line = math.floor((1 - self.settings.rs_capacity_reserved) * sum(s.capacity for s in services) + 1e-9)
+        self._room = line - sum(s.load for s in services)
+        self._snapshot = min((s.last_seen for s in services), default=self.reactor.seconds())
+        self.state.capacity_line = line
+
+    # --- one entry -------------------------------------------------------------------------------
+
+    def _start(self, claim: Claim) -> None:
+        self._claims[claim.id] = claim
+        self.state.in_flight[claim.host_id] = self.state.in_flight.get(claim.host_id, 0) + 1
+        self.metrics.in_flight.set(len(self._claims))
+        d = self._process(claim)
+        d.addErrback(lambda f: self.log.failure("processing {id!r} failed", f, id=claim.id))
+        d.addBoth(self._finished, claim)
+        self._inflight[claim.id] = d
+
+    def _finished(self, _: Any, claim: Claim) -> None:
+        self._inflight.pop(claim.id, None)
+        self._claims.pop(claim.id, None)
+        self.state.in_flight[claim.host_id] -= 1
+        self.metrics.in_flight.set(len(self._claims))
+        self._schedule_refill()
+
+    @inlineCallbacks
+    def _process(self, claim: Claim):  # type: ignore[no-untyped-def]
+        try:
+            member = decode_member(claim.member)
+        except GoJSONError as e:
+            self.log.error("Failed to unmarshal RecacheMember {member!r}: {e}; quarantined in the dead-letter set",
+                           member=claim.member, e=str(e))
+            self.metrics.dead_letters.labels("undecodable").inc()
+            yield self.ledger.settle(claim, "dead", reason=f"undecodable member: {e}", failed_at=int(self.reactor.seconds()))
+            return
+        gateway = self.gateways.pick()
+        if gateway is None:  # every gateway went to rest since the claim: give it back untouched
+            yield self.ledger.settle(claim, "release")
+            return
+        started = time.monotonic()
+        try:
+            status = yield self.dispatcher.send(gateway, member.url, claim.host_id, member.dimension_id)
+        except Exception as e:
+            status, error = None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            self.gateways.rest(gateway)
+        else:
+            error = f"HTTP {status}"
+        self.metrics.recache_duration.observe(time.monotonic() - started)
+        outcome = "success" if status == 200 else "client_error" if status and 400 <= status < 500 else "failure"
+        self.metrics.eg_requests.labels(gateway.id, outcome).inc()
+        self.metrics.recache_requests.labels(outcome, claim.priority).inc()
+        if status == 200:
+            yield self.ledger.settle(claim, "ack")
+            return
+        now = int(self.reactor.seconds())
+        if outcome == "client_error":
+            self.log.error("Recache rejected by {eg} ({error}), dead-lettered url={url!r} host_id={host} dimension_id={dim}",
+                           eg=gateway.id, error=error, url=member.url, host=claim.host_id, dim=member.dimension_id)
+            self.metrics.dead_letters.labels("rejected").inc()
+            yield self.ledger.settle(claim, "dead", reason=f"{gateway.id} answered {error}", failed_at=now)
+            return
+        result = yield self.ledger.settle(claim, "retry", self.settings.retry_base_delay, self.settings.max_retries,
+                                          reason=f"failed after {self.settings.max_retries} attempts, last: {error} from {gateway.id}",
+                                          failed_at=now)
+        if result in (b"dead", "dead"):
+            self.metrics.dead_letters.labels("exhausted").inc()
+            self.log.error("Recache failed after max retries, dead-lettered url={url!r} host_id={host} error={error}",
+                           url=member.url, host=claim.host_id, error=error)
