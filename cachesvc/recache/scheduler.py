@@ -186,7 +186,8 @@ class Scheduler(Service):
         services = healthy_services([v for v in values if v], self.reactor.seconds())
         line = math.floor((1 - self.settings.rs_capacity_reserved) * sum(s.capacity for s in services) + 1e-9)
         self._room = line - sum(s.load for s in services)
-        self._snapshot = min((s.last_seen for s in services), default=self.reactor.seconds())
+        # Claims made shortly before the snapshot may still be on their way to a gateway: not in its load yet.
+        self._snapshot = min((s.last_seen for s in services), default=self.reactor.seconds()) - self.settings.registry_lag
         self.state.capacity_line = line
 
     # --- one entry -------------------------------------------------------------------------------
