@@ -92,7 +92,6 @@ class RecacheConfig:
     lease: GoDuration | None = None  # default: 2 x timeout_per_url
     edge_gateways: list[str] = field(default_factory=list)  # base URLs, when none is registered
     gateway_cooldown: GoDuration = 5.0
-    registry_lag: GoDuration = 0.02  # claims this recent before a registry snapshot count as not yet in its load
     shutdown_grace: GoDuration = 10.0
 
 

@@ -40,6 +40,9 @@ class FakeEG(resource.Resource):
         self.load = 0
         self.peak = 0
         self.requests = 0
+        self.answered = 0
+        self.first_request: float | None = None
+        self.last_answer: float | None = None
         self.attempts: Counter[str] = Counter()
         self.active: Counter[str] = Counter()
         self.duplicates = 0
@@ -61,8 +64,9 @@ class FakeEG(resource.Resource):
 
     def render_GET(self, request: server.Request) -> bytes:
         if request.path == b"/stats":
-            return json.dumps({"requests": self.requests, "load": self.load, "peak": self.peak,
-                               "duplicates_in_flight": self.duplicates}).encode()
+            return json.dumps({"requests": self.requests, "answered": self.answered, "load": self.load, "peak": self.peak,
+                               "duplicates_in_flight": self.duplicates, "first_request": self.first_request,
+                               "last_answer": self.last_answer}).encode()
         request.setResponseCode(404)
         return b'{"success":false,"message":"not found"}'
 
@@ -75,6 +79,8 @@ class FakeEG(resource.Resource):
             return b'{"success":false,"message":"not found"}'
         body = request.content.read()
         self.requests += 1
+        if self.first_request is None:
+            self.first_request = time.time()
         try:
             decoded = json.loads(body)
             key = f"{decoded.get('host_id')}|{decoded.get('url')}|{decoded.get('dimension_id')}"
@@ -103,6 +109,8 @@ class FakeEG(resource.Resource):
         if self.attempts[key] <= int(self.mode["fail_first"]):
             status = 500
         self.record("end", request, body, decoded, status)
+        self.answered += 1
+        self.last_answer = time.time()
         if request.finished or request._disconnected:
             return
         request.setResponseCode(status)

@@ -4,8 +4,8 @@ An entry leaves its queue only inside the claim script, which records it as in f
 in the same step; it leaves Redis for good only when an Edge Gateway answered 200 (ack) or when it
 is dead-lettered. If a daemon dies, any daemon's reaper returns its expired leases to their queues
 with the original member bytes and score. The claim script also enforces the render budget for
-all daemons together: the capacity line minus the Render Services' reported load, minus every
-claim (by any daemon) made after the registry's snapshot, which the load cannot reflect yet.
+all daemons together: the capacity line, minus the load online traffic causes (the reported load
+less the claims it can already reflect), minus every claim in flight, by any daemon.
 
 Keys (shared by every cachesvc daemon on the Redis; none collide with EdgeComet's):
 
@@ -13,6 +13,7 @@ Keys (shared by every cachesvc daemon on the Redis; none collide with EdgeComet'
 ``cachesvc:inflight:started``  ZSET  id -> claim time
 ``cachesvc:inflight:meta``     HASH  id -> "score|attempts|daemon|claimed_at"
 ``cachesvc:attempts``          HASH  id -> failed attempts so far (kept across retries)
+``cachesvc:finished``          ZSET  "claimed_at|token|id" -> settle time, for 30 s (load accounting)
 ``cachesvc:deadletter:{host}`` HASH  id -> JSON {reason, attempts, failed_at}
 
 where id = queue key + "\\n" + member bytes.
@@ -38,9 +39,20 @@ ATTEMPTS = "cachesvc:attempts"
 CLAIM = b"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local unreflected = redis.call('ZCOUNT', 'cachesvc:inflight:started', '(' .. ARGV[2], '+inf')
-local budget = math.floor(tonumber(ARGV[1])) - unreflected
-local n = math.min(budget, tonumber(ARGV[3]))
+-- ARGV[1] capacity line, ARGV[2] reported load, ARGV[3] snapshot time, ARGV[8] online-load floor
+local snapshot = tonumber(ARGV[3])
+local claimed_total = redis.call('ZCARD', 'cachesvc:inflight:started')
+local unreflected = redis.call('ZCOUNT', 'cachesvc:inflight:started', '(' .. ARGV[3], '+inf')
+-- Requests claimed before the snapshot and settled after it are still in the reported load.
+redis.call('ZREMRANGEBYSCORE', 'cachesvc:finished', '-inf', now - 30)
+local settled_since = 0
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', 'cachesvc:finished', '(' .. ARGV[3], '+inf')) do
+  local claimed_at = tonumber(string.match(m, '^([^|]*)|'))
+  if claimed_at and claimed_at <= snapshot then settled_since = settled_since + 1 end
+end
+local online = math.max(0, tonumber(ARGV[2]) - (claimed_total - unreflected) - settled_since)
+local budget = tonumber(ARGV[1]) - math.max(online, tonumber(ARGV[8])) - claimed_total
+local n = math.min(budget, tonumber(ARGV[4]))
 local hosts, classes = tonumber(ARGV[6]), tonumber(ARGV[7])
 local claimed = {}
 local stamp = string.format('%.6f', now)
@@ -56,8 +68,8 @@ for c = 0, classes - 1 do
         redis.call('ZREM', key, e[1])
         local id = key .. '\\n' .. e[1]
         local attempts = redis.call('HGET', 'cachesvc:attempts', id) or '0'
-        local token = ARGV[5] .. '|' .. stamp
-        redis.call('ZADD', 'cachesvc:inflight', now + tonumber(ARGV[4]), id)
+        local token = ARGV[9] .. '|' .. stamp
+        redis.call('ZADD', 'cachesvc:inflight', now + tonumber(ARGV[5]), id)
         redis.call('ZADD', 'cachesvc:inflight:started', now, id)
         redis.call('HSET', 'cachesvc:inflight:meta', id, e[2] .. '|' .. attempts .. '|' .. token)
         claimed[#claimed + 1] = {key, e[1], e[2], attempts, token}
@@ -72,7 +84,7 @@ local more = 0
 for i = hosts + 1, #KEYS do
   if redis.call('ZCOUNT', KEYS[i], '-inf', now) > 0 then more = 1 break end
 end
-local out = {budget, unreflected, more, stamp}
+local out = {budget, unreflected, more, online}
 for _, e in ipairs(claimed) do
   for _, v in ipairs(e) do out[#out + 1] = v end
 end
@@ -85,6 +97,9 @@ local id, token, action = ARGV[1], ARGV[2], ARGV[3]
 local meta = redis.call('HGET', 'cachesvc:inflight:meta', id)
 if not meta or string.sub(meta, -#token) ~= token then return 'gone' end
 local score = string.match(meta, '^([^|]*)|')
+local t = redis.call('TIME')
+local claimed_at = string.match(token, '|([^|]*)$')
+redis.call('ZADD', 'cachesvc:finished', tonumber(t[1]) + tonumber(t[2]) / 1000000, claimed_at .. '|' .. token .. '|' .. id)
 redis.call('ZREM', 'cachesvc:inflight', id)
 redis.call('ZREM', 'cachesvc:inflight:started', id)
 redis.call('HDEL', 'cachesvc:inflight:meta', id)
@@ -161,6 +176,7 @@ class ClaimResult:
     budget: int  # what the capacity line allowed before this claim, for all daemons together
     unreflected: int  # claims the registry snapshot cannot have counted yet
     more_normal: bool  # due normal/autorecache work is still waiting
+    online: int  # the load online traffic causes, as this snapshot shows it
     claims: list[Claim]
 
 
@@ -173,16 +189,19 @@ class Ledger:
         self.lease = lease
 
     @inlineCallbacks
-    def claim(self, room: int, snapshot: float, limit: int, host_ids: Sequence[int], classes: int):  # type: ignore[no-untyped-def]
+    def claim(self, line: int, load: int, snapshot: float, online_floor: int, limit: int,  # type: ignore[no-untyped-def]
+              host_ids: Sequence[int], classes: int):
+        """Claim due entries within the budget: line - max(online load, *online_floor*) - every claim in flight."""
         keys = [queue_key(h, p) for p in PRIORITIES[:3] for h in host_ids]
         reply = yield self.redis.eval(
-            CLAIM, keys, [room, f"{snapshot:.6f}", limit, f"{self.lease:.3f}", self.daemon_id, len(host_ids), classes]
+            CLAIM, keys,
+            [line, load, f"{snapshot:.6f}", limit, f"{self.lease:.3f}", len(host_ids), classes, online_floor, self.daemon_id],
         )
-        budget, unreflected, more = int(reply[0]), int(reply[1]), bool(int(reply[2]))
+        budget, unreflected, more, online = int(reply[0]), int(reply[1]), bool(int(reply[2])), int(reply[3])
         claims = [
             Claim(reply[i], reply[i + 1], reply[i + 2], int(reply[i + 3]), reply[i + 4]) for i in range(4, len(reply), 5)
         ]
-        return ClaimResult(budget, unreflected, more, claims)
+        return ClaimResult(budget, unreflected, more, online, claims)
 
     def settle(self, claim: Claim, action: str, delay: float = 0.0, max_retries: int = 1, reason: str = "",
                failed_at: int = 0) -> Any:

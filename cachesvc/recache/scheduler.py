@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from typing import Any
 
 from twisted.application.service import Service
@@ -46,8 +47,10 @@ class Scheduler(Service):
         self.loop.clock = reactor
         self._inflight: dict[bytes, Deferred[None]] = {}
         self._claims: dict[bytes, Claim] = {}
-        self._room = 0
+        self._line = 0
+        self._load = 0
         self._snapshot = 0.0
+        self._online_samples: deque[tuple[float, int]] = deque()
         self._busy = False
         self._again = False
         self._refill_pending = False
@@ -110,7 +113,7 @@ class Scheduler(Service):
 
     def _cycle(self, full: bool) -> Deferred[None]:
         if self._busy:
-            self._again = self._again or full
+            self._again = True  # whatever asked (a tick, a finished request) is served by one more cycle
             return succeed(None)
         self._busy = True
         d = self._claim_and_send(full)
@@ -144,15 +147,16 @@ class Scheduler(Service):
             yield self._reread_render_services()
         if not self.gateways.usable:
             return
-        room = self._room
         limit = self.settings.max_size - len(self._inflight)
-        if room <= 0 or limit <= 0:
+        if self._line <= 0 or limit <= 0:
             return
         now = self.reactor.seconds()
         normal = now >= self._normal_due_at or self._normal_active
         hosts = self.host_ids[self._rotation % len(self.host_ids):] + self.host_ids[: self._rotation % len(self.host_ids)]
         self._rotation += 1
-        result = yield self.ledger.claim(room, self._snapshot, limit, hosts, 3 if normal else 1)
+        result = yield self.ledger.claim(self._line, self._load, self._snapshot, self._online_floor(now), limit, hosts,
+                                         3 if normal else 1)
+        self._online_samples.append((now, result.online))
         self.state.budget = max(0, result.budget)
         if normal:
             self._normal_active = result.more_normal or any(c.priority != "high" for c in result.claims)
@@ -184,11 +188,22 @@ class Scheduler(Service):
     def _reread_render_services(self):  # type: ignore[no-untyped-def]
         values = (yield self.store.redis.call("MGET", *self._rs_keys)) if self._rs_keys else []
         services = healthy_services([v for v in values if v], self.reactor.seconds())
-        line = math.floor((1 - self.settings.rs_capacity_reserved) * sum(s.capacity for s in services) + 1e-9)
-        self._room = line - sum(s.load for s in services)
-        # Claims made shortly before the snapshot may still be on their way to a gateway: not in its load yet.
-        self._snapshot = min((s.last_seen for s in services), default=self.reactor.seconds()) - self.settings.registry_lag
-        self.state.capacity_line = line
+        self._line = math.floor((1 - self.settings.rs_capacity_reserved) * sum(s.capacity for s in services) + 1e-9)
+        self._load = sum(s.load for s in services)
+        self._snapshot = min((s.last_seen for s in services), default=self.reactor.seconds())
+        self.state.capacity_line = self._line
+
+    def _online_floor(self, now: float) -> int:
+        """The highest online load seen within the last tick.
+
+        A single snapshot can under-count online traffic while recache requests are still on their
+        way to a gateway (claimed, not yet in the load); the recent maximum cannot. Online load that
+        rises is seen at once; load that falls frees budget within one tick.
+        """
+        horizon = now - self.settings.tick_interval
+        while self._online_samples and self._online_samples[0][0] < horizon:
+            self._online_samples.popleft()
+        return max((sample for _, sample in self._online_samples), default=0)
 
     # --- one entry -------------------------------------------------------------------------------
 

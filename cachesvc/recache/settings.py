@@ -38,7 +38,6 @@ class RecacheSettings:
     lease: float
     edge_gateways: tuple[str, ...]
     gateway_cooldown: float
-    registry_lag: float
     shutdown_grace: float
     api_enabled: bool
     api_listen: str  # a Twisted endpoint string
@@ -115,8 +114,8 @@ def check_recache(config: Config) -> RecacheSettings:
     for i, url in enumerate(r.edge_gateways):
         if not url.startswith(("http://", "https://")):
             raise fail(f"recache.edge_gateways[{i}]: {url!r} is not a base URL; write e.g. http://10.0.0.5:10071")
-    if r.gateway_cooldown < 0 or r.shutdown_grace < 0 or r.registry_lag < 0:
-        raise fail("recache.gateway_cooldown, recache.shutdown_grace and recache.registry_lag must be >= 0")
+    if r.gateway_cooldown < 0 or r.shutdown_grace < 0:
+        raise fail("recache.gateway_cooldown and recache.shutdown_grace must be >= 0")
     if r.high_queue_limit < 0:
         raise fail(f"recache.high_queue_limit must be >= 0 (0 = no limit), got {r.high_queue_limit}")
     api_enabled = True if api.enabled is None else api.enabled
@@ -174,7 +173,6 @@ def check_recache(config: Config) -> RecacheSettings:
         lease=lease,
         edge_gateways=tuple(u.rstrip("/") for u in r.edge_gateways),
         gateway_cooldown=r.gateway_cooldown,
-        registry_lag=r.registry_lag,
         shutdown_grace=r.shutdown_grace,
         api_enabled=api_enabled,
         api_listen=api_endpoint,
