@@ -391,8 +391,15 @@ def test_41_42_capacity(api: Api, redis, services, expected) -> None:
         rs(redis, name, capacity, load)
     status, body, response = api("GET", "/status")
     total, reserved, available = expected
-    assert body["rs_capacity"] == {"total_free_tabs": total, "reserved_for_online": reserved, "available_for_recache": available, "reservation_percent": 30}
-    assert b'"reservation_percent":30}' in response.raw_body
+    capacity = body["rs_capacity"]
+    # EdgeComet's four fields, first and exact; then cachesvc's: the line, the budget it leaves, claims in flight.
+    assert list(capacity)[:4] == ["total_free_tabs", "reserved_for_online", "available_for_recache", "reservation_percent"]
+    assert {k: capacity[k] for k in list(capacity)[:4]} == {"total_free_tabs": total, "reserved_for_online": reserved, "available_for_recache": available, "reservation_percent": 30}
+    assert b'"reservation_percent":30,' in response.raw_body
+    line = int(0.7 * sum(c for _, c, _ in services) + 1e-9)
+    load = sum(l for _, _, l in services)
+    assert capacity["capacity_line"] == line and capacity["in_flight"] == 0
+    assert capacity["recache_budget"] == max(0, line - load)
 
 
 def test_43_stale_render_service_is_ignored(api: Api, redis) -> None:

@@ -13,7 +13,6 @@ Keys (shared by every cachesvc daemon on the Redis; none collide with EdgeComet'
 ``cachesvc:inflight:started``  ZSET  id -> claim time
 ``cachesvc:inflight:meta``     HASH  id -> "score|attempts|daemon|claimed_at"
 ``cachesvc:attempts``          HASH  id -> failed attempts so far (kept across retries)
-``cachesvc:finished``          ZSET  "claimed_at|token|id" -> settle time, for 30 s (load accounting)
 ``cachesvc:deadletter:{host}`` HASH  id -> JSON {reason, attempts, failed_at}
 
 where id = queue key + "\\n" + member bytes.
@@ -25,7 +24,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 
 from cachesvc.recache.redisclient import RedisClient
 from cachesvc.recache.store import PRIORITIES, queue_key
@@ -40,17 +39,9 @@ CLAIM = b"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 -- ARGV[1] capacity line, ARGV[2] reported load, ARGV[3] snapshot time, ARGV[8] online-load floor
-local snapshot = tonumber(ARGV[3])
 local claimed_total = redis.call('ZCARD', 'cachesvc:inflight:started')
 local unreflected = redis.call('ZCOUNT', 'cachesvc:inflight:started', '(' .. ARGV[3], '+inf')
--- Requests claimed before the snapshot and settled after it are still in the reported load.
-redis.call('ZREMRANGEBYSCORE', 'cachesvc:finished', '-inf', now - 30)
-local settled_since = 0
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', 'cachesvc:finished', '(' .. ARGV[3], '+inf')) do
-  local claimed_at = tonumber(string.match(m, '^([^|]*)|'))
-  if claimed_at and claimed_at <= snapshot then settled_since = settled_since + 1 end
-end
-local online = math.max(0, tonumber(ARGV[2]) - (claimed_total - unreflected) - settled_since)
+local online = math.max(0, tonumber(ARGV[2]) - (claimed_total - unreflected))
 local budget = tonumber(ARGV[1]) - math.max(online, tonumber(ARGV[8])) - claimed_total
 local n = math.min(budget, tonumber(ARGV[4]))
 local hosts, classes = tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -91,45 +82,48 @@ end
 return out
 """
 
-# ARGV: id, token, action (ack | retry | dead | release), delay, max_retries, dead-letter record
+# ARGV: groups of (id, token, action, delay, max_retries, dead-letter record); action is
+# ack | retry | dead | release. Returns one outcome per group: ack, retry, dead, release or gone.
 SETTLE = b"""
-local id, token, action = ARGV[1], ARGV[2], ARGV[3]
-local meta = redis.call('HGET', 'cachesvc:inflight:meta', id)
-if not meta or string.sub(meta, -#token) ~= token then return 'gone' end
-local score = string.match(meta, '^([^|]*)|')
 local t = redis.call('TIME')
-local claimed_at = string.match(token, '|([^|]*)$')
-redis.call('ZADD', 'cachesvc:finished', tonumber(t[1]) + tonumber(t[2]) / 1000000, claimed_at .. '|' .. token .. '|' .. id)
-redis.call('ZREM', 'cachesvc:inflight', id)
-redis.call('ZREM', 'cachesvc:inflight:started', id)
-redis.call('HDEL', 'cachesvc:inflight:meta', id)
-local nl = string.find(id, '\\n', 1, true)
-local key, member = string.sub(id, 1, nl - 1), string.sub(id, nl + 1)
-if action == 'ack' then
-  redis.call('HDEL', 'cachesvc:attempts', id)
-  return 'ack'
-end
-if action == 'release' then
-  redis.call('ZADD', key, 'LT', score, member)
-  return 'release'
-end
-local host = string.match(key, '^recache:([^:]*):')
-if action == 'retry' then
-  local attempts = redis.call('HINCRBY', 'cachesvc:attempts', id, 1)
-  if attempts < tonumber(ARGV[5]) then
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-    local delay = tonumber(ARGV[4]) * (2 ^ (attempts - 1))
-    redis.call('ZADD', key, 'NX', string.format('%.3f', now + delay), member)
-    return 'retry'
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local out = {}
+for g = 0, #ARGV / 6 - 1 do
+  local id, token, action = ARGV[g * 6 + 1], ARGV[g * 6 + 2], ARGV[g * 6 + 3]
+  local delay, max_retries, record = tonumber(ARGV[g * 6 + 4]), tonumber(ARGV[g * 6 + 5]), ARGV[g * 6 + 6]
+  local meta = redis.call('HGET', 'cachesvc:inflight:meta', id)
+  local result = 'gone'
+  if meta and string.sub(meta, -#token) == token then
+    local score = string.match(meta, '^([^|]*)|')
+    redis.call('ZREM', 'cachesvc:inflight', id)
+    redis.call('ZREM', 'cachesvc:inflight:started', id)
+    redis.call('HDEL', 'cachesvc:inflight:meta', id)
+    local nl = string.find(id, '\\n', 1, true)
+    local key, member = string.sub(id, 1, nl - 1), string.sub(id, nl + 1)
+    local host = string.match(key, '^recache:([^:]*):')
+    if action == 'ack' then
+      redis.call('HDEL', 'cachesvc:attempts', id)
+      result = 'ack'
+    elseif action == 'release' then
+      redis.call('ZADD', key, 'LT', score, member)
+      result = 'release'
+    else
+      local attempts = tonumber(redis.call('HGET', 'cachesvc:attempts', id) or '0') + 1
+      if action == 'retry' and attempts < max_retries then
+        redis.call('HSET', 'cachesvc:attempts', id, attempts)
+        redis.call('ZADD', key, 'NX', string.format('%.3f', now + delay * (2 ^ (attempts - 1))), member)
+        result = 'retry'
+      else
+        redis.call('HDEL', 'cachesvc:attempts', id)
+        local filled = string.gsub(record, '"attempts":0', '"attempts":' .. attempts, 1)
+        redis.call('HSET', 'cachesvc:deadletter:' .. host, id, filled)
+        result = 'dead'
+      end
+    end
   end
+  out[#out + 1] = result
 end
-local attempts = redis.call('HGET', 'cachesvc:attempts', id) or '0'
-if action == 'dead' then attempts = tostring(tonumber(attempts) + 1) end
-redis.call('HDEL', 'cachesvc:attempts', id)
-local record = string.gsub(ARGV[6], '"attempts":0', '"attempts":' .. attempts, 1)
-redis.call('HSET', 'cachesvc:deadletter:' .. host, id, record)
-return 'dead'
+return out
 """
 
 REAP = b"""
@@ -183,8 +177,10 @@ class ClaimResult:
 class Ledger:
     """The claim/settle/reap scripts, one round trip each."""
 
-    def __init__(self, redis: RedisClient, daemon_id: str, lease: float) -> None:
+    def __init__(self, redis: RedisClient, daemon_id: str, lease: float, reactor: Any) -> None:
         self.redis = redis
+        self._reactor = reactor
+        self._pending: list[tuple[list[Any], Deferred[str]]] = []
         self.daemon_id = daemon_id.replace("|", "_")
         self.lease = lease
 
@@ -204,10 +200,33 @@ class Ledger:
         return ClaimResult(budget, unreflected, more, online, claims)
 
     def settle(self, claim: Claim, action: str, delay: float = 0.0, max_retries: int = 1, reason: str = "",
-               failed_at: int = 0) -> Any:
-        """End a claim: ``ack``, ``retry`` (dead-letters once attempts reach *max_retries*), ``dead``, ``release``."""
+               failed_at: int = 0) -> Deferred[str]:
+        """End a claim: ``ack``, ``retry`` (dead-letters once attempts reach *max_retries*), ``dead``, ``release``.
+
+        Settles asked for in the same reactor turn travel in one script call: a burst of answers
+        costs one round trip, not one each.
+        """
         record = json.dumps({"reason": reason, "attempts": 0, "failed_at": failed_at}, separators=(",", ":"))
-        return self.redis.eval(SETTLE, [], [claim.id, claim.token, action, f"{delay:.3f}", max_retries, record])
+        d: Deferred[str] = Deferred()
+        self._pending.append(([claim.id, claim.token, action, f"{delay:.3f}", max_retries, record], d))
+        if len(self._pending) == 1:
+            self._reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        args = [a for group, _ in batch for a in group]
+        sent = self.redis.eval(SETTLE, [], args)
+
+        def fan_out(results: Any) -> None:
+            for (_, d), result in zip(batch, results):
+                d.callback(result.decode() if isinstance(result, bytes) else result)
+
+        def fail_all(failure: Any) -> None:
+            for _, d in batch:
+                d.errback(failure)
+
+        sent.addCallbacks(fan_out, fail_all)
 
     def reap(self, batch: int = 500) -> Any:
         return self.redis.eval(REAP, [], [batch])

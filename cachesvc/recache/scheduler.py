@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from cachesvc.recache.claims import Claim, Ledger
@@ -39,7 +39,7 @@ class Scheduler(Service):
         self.state = state
         self.reactor = reactor
         self.metrics = metrics
-        self.ledger = Ledger(store.redis, settings.daemon_id, settings.lease)
+        self.ledger = Ledger(store.redis, settings.daemon_id, settings.lease, reactor)
         self.gateways = GatewayPicker(settings.edge_gateways, reactor, settings.gateway_cooldown)
         self.dispatcher = Dispatcher(reactor, settings.edge.auth_key, settings.timeout_per_url, settings.max_size)
         self.host_ids = [h.id for h in settings.edge.hosts]
@@ -47,6 +47,7 @@ class Scheduler(Service):
         self.loop.clock = reactor
         self._inflight: dict[bytes, Deferred[None]] = {}
         self._claims: dict[bytes, Claim] = {}
+        self._settling = 0
         self._line = 0
         self._load = 0
         self._snapshot = 0.0
@@ -80,13 +81,12 @@ class Scheduler(Service):
         pending = list(self._inflight.values())
         if pending:
             self.log.info("waiting up to {grace}s for {n} in-flight recache requests", grace=self.settings.shutdown_grace, n=len(pending))
-            waiting = DeferredList(pending, consumeErrors=True)
-            waiting.addTimeout(self.settings.shutdown_grace, self.reactor)
-            try:
-                yield waiting
-            except Exception:
-                pass
-        left = list(self._claims.values())
+            # Wait without cancelling: a cancelled request would take the retry path, not go back as it was.
+            timer = deferLater(self.reactor, self.settings.shutdown_grace, lambda: None)
+            yield DeferredList([DeferredList(pending, consumeErrors=True), timer], fireOnOneCallback=True, consumeErrors=True)
+            if not timer.called:
+                timer.cancel()
+        left = list(self._claims.values())  # still unanswered: their late answers will find the claim gone
         if left:
             results = yield DeferredList([self.ledger.settle(c, "release") for c in left], consumeErrors=True)
             released = sum(1 for ok, _ in results if ok)
@@ -143,7 +143,12 @@ class Scheduler(Service):
     def _claim_and_send(self, full: bool):  # type: ignore[no-untyped-def]
         if full:
             yield self._discover()
-        else:
+        if self._settling:
+            # Answers still being recorded: the registry already dropped them from its load while the
+            # ledger still counts them, which would under-state online traffic. The last one refills.
+            self._again = True
+            return
+        if not full:
             yield self._reread_render_services()
         if not self.gateways.usable:
             return
@@ -224,6 +229,14 @@ class Scheduler(Service):
         self._schedule_refill()
 
     @inlineCallbacks
+    def _settle(self, claim: Claim, action: str, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        self._settling += 1
+        try:
+            return (yield self.ledger.settle(claim, action, *args, **kwargs))
+        finally:
+            self._settling -= 1
+
+    @inlineCallbacks
     def _process(self, claim: Claim):  # type: ignore[no-untyped-def]
         try:
             member = decode_member(claim.member)
@@ -231,11 +244,11 @@ class Scheduler(Service):
             self.log.error("Failed to unmarshal RecacheMember {member!r}: {e}; quarantined in the dead-letter set",
                            member=claim.member, e=str(e))
             self.metrics.dead_letters.labels("undecodable").inc()
-            yield self.ledger.settle(claim, "dead", reason=f"undecodable member: {e}", failed_at=int(self.reactor.seconds()))
+            yield self._settle(claim, "dead", reason=f"undecodable member: {e}", failed_at=int(self.reactor.seconds()))
             return
         gateway = self.gateways.pick()
         if gateway is None:  # every gateway went to rest since the claim: give it back untouched
-            yield self.ledger.settle(claim, "release")
+            yield self._settle(claim, "release")
             return
         started = time.monotonic()
         try:
@@ -250,19 +263,19 @@ class Scheduler(Service):
         self.metrics.eg_requests.labels(gateway.id, outcome).inc()
         self.metrics.recache_requests.labels(outcome, claim.priority).inc()
         if status == 200:
-            yield self.ledger.settle(claim, "ack")
+            yield self._settle(claim, "ack")
             return
         now = int(self.reactor.seconds())
         if outcome == "client_error":
             self.log.error("Recache rejected by {eg} ({error}), dead-lettered url={url!r} host_id={host} dimension_id={dim}",
                            eg=gateway.id, error=error, url=member.url, host=claim.host_id, dim=member.dimension_id)
             self.metrics.dead_letters.labels("rejected").inc()
-            yield self.ledger.settle(claim, "dead", reason=f"{gateway.id} answered {error}", failed_at=now)
+            yield self._settle(claim, "dead", reason=f"{gateway.id} answered {error}", failed_at=now)
             return
-        result = yield self.ledger.settle(claim, "retry", self.settings.retry_base_delay, self.settings.max_retries,
+        result = yield self._settle(claim, "retry", self.settings.retry_base_delay, self.settings.max_retries,
                                           reason=f"failed after {self.settings.max_retries} attempts, last: {error} from {gateway.id}",
                                           failed_at=now)
-        if result in (b"dead", "dead"):
+        if result == "dead":
             self.metrics.dead_letters.labels("exhausted").inc()
             self.log.error("Recache failed after max retries, dead-lettered url={url!r} host_id={host} error={error}",
                            url=member.url, host=claim.host_id, error=error)
