@@ -58,6 +58,9 @@ def test_purge_below_a_running_purge_waits_for_it() -> None:
     assert deleter.calls[-1].path == "/cache/example.com/5/cd/ee80e68666834decf6fe00921710ccd5"
     deleter.pending[2].callback(Deleted("absent", 0))
     assert inner == [True]
+    assert other == []  # an unrelated path ran at once and is answered when its own deletion ends
+    deleter.pending[1].callback(Deleted("absent", 0))
+    assert other == [True]
 
 
 def test_failure_is_shared_and_answers_false() -> None:

@@ -306,11 +306,7 @@ class CacheAPI:
     @inlineCallbacks
     def queue(self, request: Request) -> Generator[Deferred[Any], Any, bytes]:
         host = self._query_host(request)
-        limit = _limit(request)
-        try:
-            offset = max(0, int(_arg(request, "cursor") or "0"))
-        except ValueError:
-            offset = 0
+        _limit(request)  # checked before the priority filter, as in Go
         priorities = list(PRIORITIES)
         raw = _arg(request, "priority")
         if raw:
@@ -330,9 +326,7 @@ class CacheAPI:
                     continue
                 items.append({"url": member.url, "dimension": names.get(member.dimension_id, "unknown"),
                               "priority": priority, "scheduled_at": int(float(flat[i + 1]))})
-        page = items[offset : offset + limit]
-        more = offset + limit < len(items)
-        return envelope(True, data={"items": page, "cursor": str(offset + limit) if more else "0", "has_more": more})
+        return envelope(True, data=_offset_page(request, items))
 
     @inlineCallbacks
     def queue_summary(self, request: Request) -> Generator[Deferred[Any], Any, bytes]:
@@ -346,11 +340,6 @@ class CacheAPI:
     def deadletter(self, request: Request) -> Generator[Deferred[Any], Any, bytes]:
         """Entries that will not be retried: rejected by a gateway, out of attempts, or undecodable."""
         host = self._query_host(request)
-        limit = _limit(request)
-        try:
-            offset = max(0, int(_arg(request, "cursor") or "0"))
-        except ValueError:
-            offset = 0
         flat = yield self.store.redis.call("HGETALL", deadletter_key(host.id))
         names = {d.id: d.name for d in host.dimensions}
         items = []
@@ -366,10 +355,7 @@ class CacheAPI:
                           "reason": record.get("reason", ""), "attempts": record.get("attempts", 0),
                           "failed_at": record.get("failed_at", 0)})
         items.sort(key=lambda i: (i["failed_at"], i["url"]))
-        page = items[offset : offset + limit]
-        more = offset + limit < len(items)
-        return envelope(True, data={"items": page, "total": len(items), "cursor": str(offset + limit) if more else "0",
-                                    "has_more": more})
+        return envelope(True, data={**_offset_page(request, items), "total": len(items)})
 
     @inlineCallbacks
     def requeue_deadletter(self, request: Request) -> Generator[Deferred[Any], Any, bytes]:
@@ -401,6 +387,17 @@ def _limit(request: Request) -> int:
     if not 1 <= limit <= 100:
         raise ApiError(400, "limit must be between 1 and 100")
     return limit
+
+
+def _offset_page(request: Request, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """One page of *items* by ``limit`` and a decimal offset ``cursor`` (non-numeric is 0, as in Go)."""
+    limit = _limit(request)
+    try:
+        offset = max(0, int(_arg(request, "cursor") or "0"))
+    except ValueError:
+        offset = 0
+    more = offset + limit < len(items)
+    return {"items": items[offset : offset + limit], "cursor": str(offset + limit) if more else "0", "has_more": more}
 
 
 def _split_cursor(cursor: str) -> tuple[bytes, int]:

@@ -18,6 +18,3 @@ class SchedulerState:
     @property
     def size(self) -> int:
         return sum(self.in_flight.values())
-
-    def processing(self, host_id: int) -> int:
-        return self.in_flight.get(host_id, 0)
