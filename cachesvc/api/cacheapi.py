@@ -8,7 +8,6 @@ listing's cursor resumes exactly where a page ended, and scans are bounded batch
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Generator
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -20,7 +19,7 @@ from cachesvc.recache.edgeconfig import Host
 from cachesvc.recache.gojson import GoJSONError, decode, encode_object
 from cachesvc.recache.members import decode_member, encode_member
 from cachesvc.recache.redisclient import RedisError
-from cachesvc.recache.registry import Capacity, format_go_time, healthy_services
+from cachesvc.recache.registry import Capacity, capacity_line, format_go_time, healthy_services
 from cachesvc.recache.requests import INVALIDATE_ALL_REQUEST, INVALIDATE_REQUEST, RECACHE_REQUEST
 from cachesvc.recache.settings import RecacheSettings
 from cachesvc.recache.state import SchedulerState
@@ -178,7 +177,7 @@ class CacheAPI:
         capacity = Capacity.of(services, self.settings.rs_capacity_reserved)
         snapshot = min((s.last_seen for s in services), default=now)
         in_flight, unreflected, _ = yield self.store.inflight_summary(snapshot)
-        line = math.floor((1 - self.settings.rs_capacity_reserved) * sum(s.capacity for s in services) + 1e-9)
+        line = capacity_line(services, self.settings.rs_capacity_reserved)
         budget = max(0, line - sum(s.load for s in services) - unreflected)
         host_ids = [h.id for h in self.edge.hosts]
         counts = yield self.store.queue_counts(host_ids, int(now))

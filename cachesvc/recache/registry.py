@@ -67,3 +67,8 @@ class Capacity:
         total = sum(s.free for s in services)
         reserved = math.floor(total * reservation)  # Go: int(float64(total) * reserved), truncating
         return cls(total, reserved, max(0, total - reserved), reservation)
+
+
+def capacity_line(services: Sequence[RenderService], reservation: float) -> int:
+    """The most render load recache may bring the Render Services to: (1 - reservation) x capacity."""
+    return math.floor((1 - reservation) * sum(s.capacity for s in services) + 1e-9)

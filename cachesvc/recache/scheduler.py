@@ -9,7 +9,6 @@ High-priority queues are considered on every claim; normal and autorecache at le
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from typing import Any
@@ -24,7 +23,7 @@ from cachesvc.recache.dispatch import Dispatcher, GatewayPicker, gateways_from_r
 from cachesvc.recache.gojson import GoJSONError
 from cachesvc.recache.members import decode_member
 from cachesvc.recache.redisclient import RedisError, RedisUnavailable
-from cachesvc.recache.registry import healthy_services
+from cachesvc.recache.registry import capacity_line, healthy_services
 from cachesvc.recache.settings import RecacheSettings
 from cachesvc.recache.state import SchedulerState
 from cachesvc.recache.store import Store
@@ -145,12 +144,12 @@ class Scheduler(Service):
             yield self._discover()
         if self._settling:
             # Answers still being recorded: the registry already dropped them from its load while the
-            # ledger still counts them, which would under-state online traffic. The last one refills.
-            self._again = True
+            # ledger still counts them, which would under-state online traffic. Each settle, once
+            # recorded, asks for a refill.
             return
         if not full:
             yield self._reread_render_services()
-        if not self.gateways.usable:
+        if not self.gateways.usable or not self.host_ids:
             return
         limit = self.settings.max_size - len(self._inflight)
         if self._line <= 0 or limit <= 0:
@@ -162,7 +161,6 @@ class Scheduler(Service):
         result = yield self.ledger.claim(self._line, self._load, self._snapshot, self._online_floor(now), limit, hosts,
                                          3 if normal else 1)
         self._online_samples.append((now, result.online))
-        self.state.budget = max(0, result.budget)
         if normal:
             self._normal_active = result.more_normal or any(c.priority != "high" for c in result.claims)
             if not self._normal_active:
@@ -174,13 +172,7 @@ class Scheduler(Service):
     def _discover(self):  # type: ignore[no-untyped-def]
         eg_values = yield self.store.scan_values("registry:eg:*")
         self.gateways.update(gateways_from_registry(eg_values))
-        cursor, keys = b"0", []
-        while True:
-            cursor, batch = yield self.store.redis.call("SCAN", cursor, "MATCH", "service:render:*", "COUNT", 1000)
-            keys += batch
-            if cursor in (b"0", "0", 0):
-                break
-        self._rs_keys = sorted(keys)
+        self._rs_keys = yield self.store.scan_keys("service:render:*")
         yield self._reread_render_services()
         reaped = yield self.ledger.reap()
         if reaped:
@@ -193,10 +185,9 @@ class Scheduler(Service):
     def _reread_render_services(self):  # type: ignore[no-untyped-def]
         values = (yield self.store.redis.call("MGET", *self._rs_keys)) if self._rs_keys else []
         services = healthy_services([v for v in values if v], self.reactor.seconds())
-        self._line = math.floor((1 - self.settings.rs_capacity_reserved) * sum(s.capacity for s in services) + 1e-9)
+        self._line = capacity_line(services, self.settings.rs_capacity_reserved)
         self._load = sum(s.load for s in services)
         self._snapshot = min((s.last_seen for s in services), default=self.reactor.seconds())
-        self.state.capacity_line = self._line
 
     def _online_floor(self, now: float) -> int:
         """The highest online load seen within the last tick.

@@ -12,8 +12,6 @@ class SchedulerState:
     paused: bool = False
     last_tick: float | None = None
     in_flight: dict[int, int] = field(default_factory=dict)  # host id -> entries held by this daemon
-    budget: int = 0  # what the capacity line allowed at the last claim, for all daemons together
-    capacity_line: int = 0  # (1 - rs_capacity_reserved) x total render capacity
 
     @property
     def size(self) -> int:

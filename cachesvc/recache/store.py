@@ -214,14 +214,19 @@ class Store:
         return self.redis.call("ZRANGE", queue_key(host_id, priority), 0, -1, "WITHSCORES")
 
     @inlineCallbacks
-    def scan_values(self, pattern: str):  # type: ignore[no-untyped-def]
-        """Values of every string key matching *pattern* (registries: a handful of keys), by SCAN."""
+    def scan_keys(self, pattern: str):  # type: ignore[no-untyped-def]
+        """Every key matching *pattern*, by SCAN (never KEYS), sorted."""
         cursor, keys = b"0", []
         while True:
             cursor, batch = yield self.redis.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
             keys += batch
             if cursor in (b"0", "0", 0):
-                break
+                return sorted(keys)
+
+    @inlineCallbacks
+    def scan_values(self, pattern: str):  # type: ignore[no-untyped-def]
+        """Values of every string key matching *pattern* (registries: a handful of keys)."""
+        keys = yield self.scan_keys(pattern)
         if not keys:
             return []
         values = yield self.redis.call("MGET", *keys)
