@@ -77,3 +77,27 @@ def test_request_decoding(case: dict) -> None:
     except GoJSONError as e:
         decoded, error = None, str(e)
     assert (decoded, error) == (case["decoded"], case["error"])
+
+
+MEMBER_EDGE_CASES = [b'{"url":"a\\ud800","dimension_id":1}', b'{"url":"x","dimension_id":01}', b'{"url":"x","dimension_id":-0}',
+                     b'{"URL":"x","dimension_id":1}', b'{"url":"\\u00e9","dimension_id":99999999999999999999}',
+                     b'{"url":"x"}', b'not-valid-json', b'{"url":"a\\u0026b","dimension_id":2} ']
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [encode_member(c["url"], c["dimension_id"]) for c in VECTORS["member"]]
+    + [encode_member(bytes.fromhex(c["url_hex"]), c["dimension_id"]) for c in VECTORS["member_raw"]]
+    + MEMBER_EDGE_CASES,
+)
+def test_member_decoding_quick_path_agrees_with_go_semantics(raw: bytes) -> None:
+    from cachesvc.recache.members import RECACHE_MEMBER, Member, decode_member
+
+    def outcome(fn):  # type: ignore[no-untyped-def]
+        try:
+            return fn()
+        except GoJSONError as e:
+            return ("error", str(e))
+
+    full = outcome(lambda: Member(**decode(raw, RECACHE_MEMBER)))
+    assert outcome(lambda: decode_member(raw)) == full

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import treq
+from hyperlink import EncodedURL
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.web.client import HTTPConnectionPool
 
@@ -84,15 +85,19 @@ class Dispatcher:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = max_connections
         self.pool.cachedConnectionTimeout = 30
+        self._targets: dict[str, EncodedURL] = {}
 
     def send(self, gateway: Gateway, url: str, host_id: int, dimension_id: int) -> Deferred[int]:
         body = encode_object([("url", url), ("host_id", host_id), ("dimension_id", dimension_id)])
-        d = self._exchange(f"{gateway.base_url}/internal/cache/recache", body)
+        target = self._targets.get(gateway.base_url)
+        if target is None:  # parsed once per gateway: treq would parse the text on every request
+            target = self._targets[gateway.base_url] = EncodedURL.from_text(f"{gateway.base_url}/internal/cache/recache")
+        d = self._exchange(target, body)
         d.addTimeout(self._timeout, self._reactor)
         return d
 
     @inlineCallbacks
-    def _exchange(self, url: str, body: bytes):  # type: ignore[no-untyped-def]
+    def _exchange(self, url: EncodedURL, body: bytes):  # type: ignore[no-untyped-def]
         response = yield treq.post(url, data=body, headers=self._headers, pool=self.pool, reactor=self._reactor)
         yield treq.content(response)
         return response.code

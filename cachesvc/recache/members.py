@@ -7,6 +7,8 @@ an entry goes back to a queue, the exact bytes that came out go back in.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 
 from cachesvc.recache.gojson import Field, Struct, decode, encode_string
@@ -24,7 +26,15 @@ def encode_member(url: str | bytes, dimension_id: int) -> bytes:
     return b'{"url":' + encode_string(url) + b',"dimension_id":' + str(dimension_id).encode() + b"}"
 
 
+_CANONICAL = re.compile(rb'\{"url":("(?:[^"\\\x00-\x1f]|\\["\\/bfnrtu])*"),"dimension_id":(-?[1-9][0-9]{0,17}|0)\}\Z')
+
+
 def decode_member(raw: bytes) -> Member:
     """Raise ``GoJSONError`` for a member Go could not decode either."""
+    canonical = _CANONICAL.match(raw)
+    if canonical is not None and raw.isascii():  # what Go and cachesvc write: the quick way
+        url = json.loads(canonical.group(1))
+        if not any("\ud800" <= ch <= "\udfff" for ch in url):
+            return Member(url, int(canonical.group(2)))
     fields = decode(raw, RECACHE_MEMBER)
     return Member(fields["url"], fields["dimension_id"])
