@@ -165,19 +165,27 @@ class Config:
     settings: Any = field(default=None, metadata={"internal": True})  # RecacheSettings, once checked
 
 
-def load(path: str | None) -> Config:
-    """Read *path* (or return the defaults when it is ``None``) without touching anything else."""
-    if path is None:
-        return Config(purge=PurgeConfig())
+def read_yaml_mapping(path: str, error: type[Exception], what: str = "config file") -> dict[str, Any]:
+    """The YAML file *path* as a mapping (empty file: ``{}``); *error* says what is wrong with it."""
     try:
         with open(path, "rb") as f:
             data = yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        raise error(f"cannot read {what} {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise error(f"{path}: not valid YAML: {e}") from None
     if data is None:
-        data = {}
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping of settings at the top level, got {_kind(data)}")
+    return data
+
+
+def load(path: str | None) -> Config:
+    """Read *path* (or return the defaults when it is ``None``) without touching anything else."""
+    if path is None:
+        return Config(purge=PurgeConfig())
+    data = read_yaml_mapping(path, ConfigError)
     config = build(Config, data, "", path)
     config.source = path
     return config

@@ -168,7 +168,6 @@ class Claim:
 @dataclass(frozen=True)
 class ClaimResult:
     budget: int  # what the capacity line allowed before this claim, for all daemons together
-    unreflected: int  # claims the registry snapshot cannot have counted yet
     more_normal: bool  # due normal/autorecache work is still waiting
     online: int  # the load online traffic causes, as this snapshot shows it
     claims: list[Claim]
@@ -193,11 +192,11 @@ class Ledger:
             CLAIM, keys,
             [line, load, f"{snapshot:.6f}", limit, f"{self.lease:.3f}", len(host_ids), classes, online_floor, self.daemon_id],
         )
-        budget, unreflected, more, online = int(reply[0]), int(reply[1]), bool(int(reply[2])), int(reply[3])
+        budget, more, online = int(reply[0]), bool(int(reply[2])), int(reply[3])
         claims = [
             Claim(reply[i], reply[i + 1], reply[i + 2], int(reply[i + 3]), reply[i + 4]) for i in range(4, len(reply), 5)
         ]
-        return ClaimResult(budget, unreflected, more, online, claims)
+        return ClaimResult(budget, more, online, claims)
 
     def settle(self, claim: Claim, action: str, delay: float = 0.0, max_retries: int = 1, reason: str = "",
                failed_at: int = 0) -> Deferred[str]:

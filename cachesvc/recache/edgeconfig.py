@@ -13,8 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
+from cachesvc.config import read_yaml_mapping
 from cachesvc.durations import parse_duration
 
 
@@ -107,18 +106,7 @@ def load_edge_config(path: str) -> EdgeConfig:
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise EdgeConfigError(f"cannot read EG config file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise EdgeConfigError(f"{path}: not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise EdgeConfigError(f"{path}: expected a mapping at the top level")
-    return data
+    return read_yaml_mapping(path, EdgeConfigError, "EG config file")
 
 
 def _mapping(value: Any, path: str, key: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ is computed once, from the normalised form of the URL as received.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import xxhash
 
@@ -123,7 +123,6 @@ class URL:
     force_query: bool = False
     raw_query: bytes = b""
     fragment: bytes = b""
-    extra: dict[str, bytes] = field(default_factory=dict)
 
     def hostname(self) -> bytes:
         host = self.host
