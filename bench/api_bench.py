@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cachesvc.recache.urlnorm import normalize, url_hash  # noqa: E402
-from tests.daemon import Daemon, free_port  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from harness.daemon import Daemon, free_port  # noqa: E402
+from harness.redis_server import RedisServer  # noqa: E402
 
 KEY = "bench-key"
 CEILING = textwrap.dedent(

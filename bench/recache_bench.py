@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis as redis_py  # noqa: E402
 
 from cachesvc.recache.members import encode_member  # noqa: E402
-from tests.daemon import Daemon, free_port  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
-from tests.test_scheduler_e2e import FakeEG  # noqa: E402
+from harness.daemon import Daemon, free_port  # noqa: E402
+from harness.redis_server import RedisServer  # noqa: E402
+from harness.fake_eg import FakeEG  # noqa: E402
 
 HOSTS = 5
 

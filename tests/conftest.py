@@ -5,7 +5,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.daemon import Daemon, free_port
+from harness.daemon import Daemon, free_port
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def purge_daemon(tmp_path: Path, cache_root: Path) -> Iterator[tuple[Daemon, int
 @pytest.fixture(scope="session")
 def redis_server():
     """One real redis-server for the whole run, started on a free port."""
-    from tests.redis_server import RedisServer
+    from harness.redis_server import RedisServer
 
     server = RedisServer()
     server.start()

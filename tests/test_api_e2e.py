@@ -16,7 +16,7 @@ import pytest
 
 from cachesvc.recache.members import encode_member
 from cachesvc.recache.urlnorm import normalize, url_hash
-from tests.daemon import Daemon, free_port
+from harness.daemon import Daemon, free_port
 
 KEY = "test-internal-auth-key"
 HOSTS = """hosts:
@@ -569,7 +569,7 @@ def test_oversized_body_is_refused_before_it_is_read(api: Api, redis) -> None:
 
 
 def test_redis_down_gives_503_quickly_then_recovers(tmp_path: Path) -> None:
-    from tests.redis_server import RedisServer
+    from harness.redis_server import RedisServer
 
     server = RedisServer()
     server.start()

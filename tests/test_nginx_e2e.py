@@ -15,8 +15,8 @@ from typing import Iterator
 import pytest
 
 from cachesvc.purge.zones import cache_file
-from tests.daemon import Daemon, free_port, purge
-from tests.fastcgi import FastCGIServer
+from harness.daemon import Daemon, free_port, purge
+from harness.fastcgi import FastCGIServer
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 OK = b"Purge: Success\n"

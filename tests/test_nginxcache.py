@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cachesvc.purge.nginxcache import ScanResult, purge_prefixes, read_key
 from cachesvc.purge.paths import PathPolicy
-from tests.nginxfiles import write_entry
+from harness.nginxfiles import write_entry
 
 
 def test_read_key(tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.daemon import Daemon, free_port, purge, read_all
-from tests.nginxfiles import write_entry
+from harness.daemon import Daemon, free_port, purge, read_all
+from harness.nginxfiles import write_entry
 
 OK = b"Purge: Success\n"
 ERR = b"Purge: Error\n"

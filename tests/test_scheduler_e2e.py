@@ -8,66 +8,18 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import pytest
 
 from cachesvc.recache.members import encode_member
-from tests.daemon import TOP, Daemon, free_port
+from harness.daemon import Daemon, free_port, wait_until
+from harness.fake_eg import FakeEG
 from tests.test_api_e2e import KEY, Api, write_configs
 
 HIGH, NORMAL, AUTO = "recache:1:high", "recache:1:normal", "recache:1:autorecache"
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        time.sleep(0.05)
-
-
-class FakeEG:
-    def __init__(self, base: Path, redis_addr: str, *args: str, eg_id: str = "test-eg-1") -> None:
-        self.port = free_port()
-        self.log = base / f"{eg_id}-{self.port}.jsonl"
-        self.log.touch()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(TOP / "tests" / "fake_eg.py"), "--port", str(self.port), "--redis", redis_addr,
-             "--log", str(self.log), "--eg-id", eg_id, *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_until(self._up, 10, "fake EG listening")
-
-    def _up(self) -> bool:
-        try:
-            self.stats()
-            return True
-        except OSError:
-            return False
-
-    def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as r:
-            return json.loads(r.read())
-
-    def control(self, **mode: Any) -> None:
-        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{self.port}/control", data=json.dumps(mode).encode()), timeout=5).read()
-
-    def events(self, kind: str = "start") -> list[dict[str, Any]]:
-        return [e for e in map(json.loads, self.log.read_text().splitlines()) if e["event"] == kind]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 class Stack:
@@ -351,7 +303,7 @@ def test_sigkill_mid_drain_then_restart_loses_nothing(stack: Stack, redis) -> No
 
 
 def test_redis_killed_and_restarted_mid_drain(tmp_path: Path) -> None:
-    from tests.redis_server import RedisServer
+    from harness.redis_server import RedisServer
     import redis as redis_py
 
     server = RedisServer()

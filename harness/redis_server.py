@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.daemon import free_port
+from harness.daemon import free_port
 
 
 class RedisServer:

@@ -7,35 +7,87 @@ as the RS writes it (spec 1.4), with ``load`` raised while a request is "renderi
 scheduler's use of capacity can be checked end to end. ``GET /stats`` reports counts and the peak
 of concurrent renders; ``POST /control`` changes the behaviour at run time.
 
-    python tests/fake_eg.py --port P --redis 127.0.0.1:6379 --log eg.jsonl [--delay 0.2] [--status 500]
+``FakeEG`` starts one in a subprocess and reads what it recorded; the server itself runs as
+
+    python -m harness.fake_eg --port P --redis 127.0.0.1:6379 --log eg.jsonl [--delay 0.2] [--status 500]
+
+Importing this module installs no reactor (txredisapi would): the server's imports wait for ``main()``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
+import urllib.request
 from collections import Counter
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
-import txredisapi
-from twisted.internet import reactor, task
+from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.web import resource, server
+
+from harness.daemon import TOP, free_port, wait_until
+
+
+class FakeEG:
+    """A fake gateway in its own process, on a free port, recording to ``{base}/{eg_id}-{port}.jsonl``."""
+
+    def __init__(self, base: Path, redis_addr: str, *args: str, eg_id: str = "test-eg-1") -> None:
+        self.port = free_port()
+        self.log = base / f"{eg_id}-{self.port}.jsonl"
+        self.log.touch()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "harness.fake_eg", "--port", str(self.port), "--redis", redis_addr,
+             "--log", str(self.log), "--eg-id", eg_id, *args],
+            cwd=TOP, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._up, 10, "fake EG listening")
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"fake EG exited with {self.proc.returncode}")
+        try:
+            self.stats()
+            return True
+        except OSError:
+            return False
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as r:
+            return json.loads(r.read())
+
+    def control(self, **mode: Any) -> None:
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{self.port}/control", data=json.dumps(mode).encode()), timeout=5).read()
+
+    def events(self, kind: str = "start") -> list[dict[str, Any]]:
+        return [e for e in map(json.loads, self.log.read_text().splitlines()) if e["event"] == kind]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
 
 
 def now_rfc3339() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
 
 
-class FakeEG(resource.Resource):
+class Gateway(resource.Resource):
+    """The server side: what runs in the subprocess."""
+
     isLeaf = True
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, reactor: Any, redis: Any) -> None:
         super().__init__()
         self.args = args
+        self.reactor = reactor
         self.log = open(args.log, "a", buffering=1)
-        self.redis = txredisapi.lazyConnection(*args.redis.split(":")[:1], port=int(args.redis.split(":")[1]))
+        self.redis = redis
         self.mode = {"status": args.status, "delay": args.delay, "fail_first": args.fail_first, "hang": args.hang}
         self.load = 0
         self.peak = 0
@@ -47,6 +99,7 @@ class FakeEG(resource.Resource):
         self.active: Counter[str] = Counter()
         self.duplicates = 0
         self.heartbeat = task.LoopingCall(self.beat)
+        self.heartbeat.clock = reactor
         self.heartbeat.start(args.heartbeat)
 
     def beat(self) -> None:
@@ -96,7 +149,7 @@ class FakeEG(resource.Resource):
         self.load += 1
         self.peak = max(self.peak, self.load)
         self.write_rs()
-        d: Deferred[None] = task.deferLater(reactor, float(self.mode["delay"]), lambda: None)
+        d: Deferred[None] = task.deferLater(self.reactor, float(self.mode["delay"]), lambda: None)
         d.addCallback(lambda _: self.finish(request, key, body, decoded))
         request.notifyFinish().addErrback(lambda _: None)
         return server.NOT_DONE_YET
@@ -142,7 +195,11 @@ def main() -> None:
     parser.add_argument("--sharding-disabled", action="store_true")
     parser.add_argument("--heartbeat", type=float, default=1.0)
     args = parser.parse_args()
-    site = server.Site(FakeEG(args))
+    import txredisapi
+    from twisted.internet import reactor
+
+    host, port = args.redis.rsplit(":", 1)
+    site = server.Site(Gateway(args, reactor, txredisapi.lazyConnection(host, port=int(port))))
     site.noisy = False
     reactor.listenTCP(args.port, site, interface="127.0.0.1", backlog=1024)
     reactor.run()
