@@ -8,9 +8,9 @@ from cachesvc import config
 from cachesvc.service import makeService
 
 try:
-    _config = config.resolve(os.environ.get("CACHESVC_CONFIG") or None)
+    _settings = config.resolve(os.environ.get("CACHESVC_CONFIG") or None)
 except config.ConfigError as e:
     sys.exit(f"cachesvc: {e}")
 
 application = service.Application("cachesvc")
-makeService(_config).setServiceParent(application)
+makeService(_settings).setServiceParent(application)

@@ -27,10 +27,10 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self.config = configuration.resolve(self["config"], self["purge-listen"], self["cache-root"])
+            self.settings = configuration.resolve(self["config"], self["purge-listen"], self["cache-root"])
         except configuration.ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options) -> IService:
-    return buildService(options.config)
+    return buildService(options.settings)

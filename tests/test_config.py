@@ -8,6 +8,8 @@ import pytest
 
 from cachesvc import config
 from cachesvc.durations import parse_duration
+from cachesvc.purge.config import PurgeConfig, PurgeSettings
+from cachesvc.purge.zones import Zone
 
 
 @pytest.mark.parametrize(
@@ -33,7 +35,7 @@ def write(tmp_path: Path, text: str) -> str:
 
 def test_no_file_means_defaults() -> None:
     c = config.load(None)
-    assert c.purge == config.PurgeConfig()
+    assert c.purge == PurgeConfig()
     assert c.purge.listen == "tcp:7836:interface=127.0.0.1"
     assert c.purge.roots == ["/cache"]
     assert c.purge.idle_timeout == 30 and c.purge.max_line_length == 4096
@@ -43,14 +45,14 @@ def test_full_purge_section(tmp_path: Path, cache_root: Path) -> None:
     path = write(tmp_path, f"purge:\n  listen: tcp:9999\n  roots: [{cache_root}/]\n  idle_timeout: 1m30s\n  max_line_length: 512\n")
     c = config.resolve(path)
     trash = f"{cache_root}/.cachesvc-trash"  # the default: a hidden child of the first root
-    assert c.purge == config.PurgeConfig("tcp:9999", [str(cache_root)], 90.0, 512, trash)
+    assert c.purge == PurgeSettings("tcp:9999", (str(cache_root),), 90.0, 512, trash, ())
 
 
 def test_command_line_overrides_file(tmp_path: Path, cache_root: Path) -> None:
     path = write(tmp_path, "purge:\n  roots: [/does/not/exist]\n")
     c = config.resolve(path, listen="tcp:1234", roots=[str(cache_root)])
     assert c.purge is not None
-    assert c.purge.roots == [str(cache_root)] and c.purge.listen == "tcp:1234"
+    assert c.purge.roots == (str(cache_root),) and c.purge.listen == "tcp:1234"
 
 
 @pytest.mark.parametrize(
@@ -123,4 +125,4 @@ def test_trash_outside_the_roots_and_zones_are_accepted(tmp_path: Path, cache_ro
     )
     c = config.resolve(path)
     assert c.purge is not None and c.purge.trash_dir == f"{tmp_path}/trash"
-    assert c.purge.zones == [config.ZoneConfig(["*"], f"{cache_root}/{{host}}", "2", "$scheme$request_method$host$request_uri", ["GET"])]
+    assert c.purge.zones == (Zone(frozenset(["*"]), f"{cache_root}/{{host}}", (2,), "$scheme$request_method$host$request_uri", ("GET",)),)

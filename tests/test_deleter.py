@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
 from cachesvc.purge.deleter import Deleted, delete_now
 from cachesvc.purge.paths import PathPolicy, Refused
 
@@ -108,15 +111,19 @@ class HeldLane:
     def __init__(self) -> None:
         self.jobs: list = []
 
-    def submit(self, job, done) -> None:
-        self.jobs.append((job, done))
+    def submit(self, job):
+        d = Deferred()
+        self.jobs.append((job, d))
+        return d
 
     def release(self) -> None:
-        job, done = self.jobs.pop(0)
+        job, d = self.jobs.pop(0)
         try:
-            done(True, job())
-        except BaseException as e:
-            done(False, e)
+            result = job()
+        except BaseException:
+            d.errback(Failure())
+        else:
+            d.callback(result)
 
 
 def test_batching_deleter_sends_one_batch_while_busy_and_maps_results() -> None:

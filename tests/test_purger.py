@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from cachesvc.config import ZoneConfig
+from cachesvc.purge.config import ZoneConfig, check_zone
 from cachesvc.purge.deleter import Deleted
 from cachesvc.purge.paths import PathPolicy, PurgeTarget
 from cachesvc.purge.purger import Purger
@@ -27,7 +27,7 @@ class ManualDeleter:
 def make(zones: list[ZoneConfig] | None = None) -> tuple[Purger, ManualDeleter]:
     policy = PathPolicy(["/cache"])
     deleter = ManualDeleter()
-    return Purger(policy, deleter, Clock(), ZoneMap(zones or [], policy)), deleter
+    return Purger(policy, deleter, Clock(), ZoneMap([check_zone(z, ["/cache"]) for z in zones or []], policy)), deleter
 
 
 def results(ds: list[Deferred]) -> list:

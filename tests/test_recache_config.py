@@ -29,7 +29,7 @@ def test_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
     eg(tmp_path)
     conf = tmp_path / "cd.yaml"
     conf.write_text("eg_config: edge-gateway.yaml\ndaemon_id: d\nredis: {addr: 'localhost:6379'}\n")
-    s = config.resolve(str(conf)).settings
+    s = config.resolve(str(conf)).recache
     assert (s.tick_interval, s.normal_check_interval, s.max_size, s.max_retries, s.retry_base_delay) == (1.0, 60.0, 1000, 3, 5.0)
     assert (s.rs_capacity_reserved, s.timeout_per_url, s.api_enabled, s.api_listen, s.request_timeout) == (0.30, 60.0, True, "tcp:10090", 30.0)
     assert (s.metrics_path, s.metrics_namespace, s.high_queue_limit, s.normal_check_ticks) == ("/metrics", "edgecomet", 1000, 60)
@@ -53,7 +53,7 @@ logging:
   file: {{enabled: false, path: "", format: "", level: "", rotation: {{max_size: 0, max_age: 0, max_backups: 0, compress: false}}}}
 metrics: {{enabled: false, listen: "", path: "", namespace: ""}}
 """)
-    s = config.resolve(str(conf)).settings
+    s = config.resolve(str(conf)).recache
     assert (s.tick_interval, s.normal_check_ticks, s.timeout_per_url, s.retry_base_delay) == (0.1, 1, 60.0, 0.1)
 
 
@@ -63,7 +63,7 @@ def test_durations_as_go_nanoseconds_and_days(tmp_path: Path) -> None:
     conf = tmp_path / "cd.yaml"
     conf.write_text("eg_config: edge-gateway.yaml\ndaemon_id: d\nredis: {addr: 'x:1'}\n"
                     "scheduler: {tick_interval: 500000000}\nrecache: {timeout_per_url: 1.5d}\n")
-    s = config.resolve(str(conf)).settings
+    s = config.resolve(str(conf)).recache
     assert (s.tick_interval, s.timeout_per_url) == (0.5, 129600.0)
 
 

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from cachesvc.config import ZoneConfig
+from cachesvc.purge.config import ZoneConfig, check_zone
 from cachesvc.purge.paths import PathPolicy, Refused
 from cachesvc.purge.zones import ZoneMap, cache_file, parse_url, render_key
 
@@ -16,7 +16,7 @@ POLICY = PathPolicy(["/cache"])
 def zonemap(**kw) -> ZoneMap:
     kw.setdefault("hosts", ["example.com", "www.example.com"])
     kw.setdefault("path", "/cache/{host}")
-    return ZoneMap([ZoneConfig(**kw)], POLICY)
+    return ZoneMap([check_zone(ZoneConfig(**kw), ["/cache"])], POLICY)
 
 
 def test_spinupwp_example_path_is_the_trailing_slash_twin() -> None:
@@ -102,4 +102,4 @@ def test_zone_checks(kw: dict, message: str) -> None:
     kw.setdefault("hosts", ["example.com"])
     kw.setdefault("path", "/cache/{host}")
     with pytest.raises(ValueError, match=message.replace("$", r"\$").replace("(", r"\(")):
-        ZoneMap.check(ZoneConfig(**kw), ["/cache"])
+        check_zone(ZoneConfig(**kw), ["/cache"])

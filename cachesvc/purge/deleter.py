@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from cachesvc.purge.fstree import empty_dir_at, open_parent, remove_tree_at
-from cachesvc.purge.lane import WorkerThread
+from cachesvc.purge.workers import WorkerThread
 from cachesvc.purge.paths import PurgeTarget
 from cachesvc.purge.trash import Trash
 
@@ -22,8 +22,7 @@ class Deleted:
     """What a purge did: ``absent`` (nothing was there) or ``deleted``, and how many files went."""
 
     outcome: str
-    files: int | None
-    slot: str | None = None  # a trash slot still to be deleted in the background
+    files: int | None  # None: moved to the trash, which deletes it in the background
 
 
 class IDeleter(Interface):
@@ -60,7 +59,8 @@ class BatchingDeleter:
         batch, self._waiting = self._waiting, []
         self._busy = True
         targets = [t for t, _ in batch]
-        self._lane.submit(lambda: self._run(targets), lambda ok, outcomes: self._fire(batch, ok, outcomes))
+        done = self._lane.submit(lambda: self._run(targets))
+        done.addBoth(self._fire, batch)
 
     def _run(self, targets: list[PurgeTarget]) -> list[Deleted | BaseException]:
         outcomes: list[Deleted | BaseException] = []
@@ -71,10 +71,11 @@ class BatchingDeleter:
                 outcomes.append(e)
         return outcomes
 
-    def _fire(self, batch: list[tuple[PurgeTarget, Deferred[Deleted]]], ok: bool, outcomes: Any) -> None:
+    def _fire(self, outcomes: list[Deleted | BaseException] | Failure, batch: list[tuple[PurgeTarget, Deferred[Deleted]]]) -> None:
         # Still busy while firing: purges requested from these callbacks join the next batch.
         for i, (_, d) in enumerate(batch):
-            outcome = outcomes[i] if ok else outcomes  # not ok: _run itself broke, fail them all
+            # A Failure: _run itself broke, so fail them all.
+            outcome = outcomes if isinstance(outcomes, Failure) else outcomes[i]
             if isinstance(outcome, (BaseException, Failure)):
                 d.errback(outcome)
             else:
@@ -87,8 +88,8 @@ class BatchingDeleter:
 def delete_now(target: PurgeTarget, trash: Trash | None = None) -> Deleted:
     """Delete *target* (blocking). A zone root is emptied and kept with its owner and mode.
 
-    With a *trash*, directories are moved into it and :attr:`Deleted.slot` names what is left to
-    delete in the background; ``files`` is then unknown (``None``).
+    With a *trash*, directories are moved into it, which deletes them in the background;
+    ``files`` is then unknown (``None``).
     """
     parent = open_parent(target)
     if parent is None:
@@ -102,16 +103,13 @@ def delete_now(target: PurgeTarget, trash: Trash | None = None) -> Deleted:
         if not stat.S_ISDIR(st.st_mode):
             os.unlink(name, dir_fd=parent)  # a file, or a symlink removed as a link
             return Deleted("deleted", 1)
-        slot = None
-        if trash is not None:
-            slot, complete = trash.move_aside(target.root, parent, name, keep_dir=target.is_zone_root)
-            if complete:
-                return Deleted("deleted", None, slot)
+        if trash is not None and trash.move_aside(target, parent, name):
+            return Deleted("deleted", None)
         if target.is_zone_root:
-            return Deleted("deleted", empty_dir_at(parent, name), slot)
+            return Deleted("deleted", empty_dir_at(parent, name))
         try:
-            return Deleted("deleted", remove_tree_at(parent, name), slot)
+            return Deleted("deleted", remove_tree_at(parent, name))
         except FileNotFoundError:
-            return Deleted("deleted", 0, slot)
+            return Deleted("deleted", 0)
     finally:
         os.close(parent)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from cachesvc.purge.fstree import DIR_FLAGS, open_dir
-from cachesvc.purge.lane import WorkerThread
+from cachesvc.purge.workers import WorkerThread
 from cachesvc.purge.paths import PurgeTarget
 
 KEY_MARK = b"\nKEY: "
@@ -110,22 +111,16 @@ class PrefixScanner:
 
     log = Logger()
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, lane: WorkerThread, reactor: Any) -> None:
         self._reactor = reactor
-        self.lane = WorkerThread(reactor, "cachesvc-scan")
+        self.lane = lane
 
     def scan(self, zone: PurgeTarget, prefixes: Sequence[bytes]) -> Deferred[ScanResult]:
-        done: Deferred[ScanResult] = Deferred()
-
-        def progress(so_far: ScanResult) -> None:
+        def progress(so_far: ScanResult) -> None:  # on the scan's thread
             self._reactor.callFromThread(
                 self.log.info,
                 "prefix purge in {zone}: {scanned} files scanned, {deleted} deleted, {seconds:.1f} s",
                 zone=zone.path, scanned=so_far.scanned, deleted=so_far.deleted, seconds=so_far.seconds,
             )
 
-        def finished(ok: bool, result: Any) -> None:
-            done.callback(result) if ok else done.errback(result)
-
-        self.lane.submit(lambda: purge_prefixes(zone, prefixes, progress), finished)
-        return done
+        return self.lane.submit(lambda: purge_prefixes(zone, prefixes, progress))

@@ -17,7 +17,6 @@ from twisted.python.failure import Failure
 from cachesvc.purge.deleter import Deleted, IDeleter
 from cachesvc.purge.nginxcache import PrefixScanner
 from cachesvc.purge.paths import PathPolicy, PurgeTarget, Refused
-from cachesvc.purge.trash import Trash
 from cachesvc.purge.zones import ZoneMap
 
 URL_SCHEMES = (b"http://", b"https://")
@@ -51,14 +50,12 @@ class Purger:
         deleter: IDeleter,
         clock: IReactorTime,
         zones: ZoneMap | None = None,
-        trash: Trash | None = None,
         scanner: PrefixScanner | None = None,
     ) -> None:
         self.policy = policy
         self.deleter = deleter
         self.clock = clock
         self.zones = zones
-        self.trash = trash
         self.scanner = scanner
         self._inflight: dict[PurgeTarget, _Shared] = {}
 
@@ -95,18 +92,12 @@ class Purger:
         op = self._inflight[target] = _Shared()
         start = DeferredList(ancestors, consumeErrors=True) if ancestors else succeed(None)
         start.addCallback(lambda _: self.deleter.delete(target))
-        start.addCallback(self._discard_trash, target)
         start.addBoth(self._settle, target, op)
         return op.observe()
 
     def _settle(self, result: Any, target: PurgeTarget, op: _Shared) -> None:
         del self._inflight[target]
         op.settle(result)
-
-    def _discard_trash(self, done: Deleted, target: PurgeTarget) -> Deleted:
-        if done.slot is not None and self.trash is not None:
-            self.trash.discard(done.slot, target.path).addErrback(lambda _: None)  # logged by the trash
-        return done
 
     @inlineCallbacks
     def _purge_url(self, raw: bytes) -> Generator[Deferred[Any], Any, tuple[str, str]]:

@@ -1,4 +1,9 @@
-"""The purge service: the listening port, the deletion thread, the trash and the prefix scanner."""
+"""The purge service: the listening port and the worker threads behind it.
+
+Three threads, each injected into what uses it: the deleter's (every purge's filesystem work),
+the scanner's (prefix scans, which may take long and must not delay the others) and the trash's
+(background deletion at nice 19).
+"""
 
 from __future__ import annotations
 
@@ -8,40 +13,40 @@ from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 
-from cachesvc.config import PurgeConfig
+from cachesvc.purge.config import PurgeSettings
 from cachesvc.purge.deleter import BatchingDeleter, delete_now
-from cachesvc.purge.lane import WorkerThread
 from cachesvc.purge.nginxcache import PrefixScanner
 from cachesvc.purge.paths import PathPolicy
 from cachesvc.purge.protocol import PurgeFactory
 from cachesvc.purge.purger import Purger
 from cachesvc.purge.trash import Trash
+from cachesvc.purge.workers import WorkerThread
 from cachesvc.purge.zones import ZoneMap
 
 
 class PurgeService(MultiService):
-    """Listens on ``config.listen``; its threads stop after the port has closed."""
+    """Listens on ``settings.listen``; its threads stop after the port has closed."""
 
-    def __init__(self, config: PurgeConfig, reactor: Any) -> None:
+    def __init__(self, settings: PurgeSettings, reactor: Any) -> None:
         super().__init__()
         self.setName("purge")
-        assert config.trash_dir is not None, "run config.check_purge first"
-        policy = PathPolicy(config.roots, trash=config.trash_dir)
-        self.trash = Trash(config.trash_dir, config.roots, reactor)
+        policy = PathPolicy(settings.roots, trash=settings.trash_dir)
         self.lane = WorkerThread(reactor, "cachesvc-purge")
-        self.scanner = PrefixScanner(reactor)
+        self.scan_lane = WorkerThread(reactor, "cachesvc-scan")
+        self.trash_lane = WorkerThread(reactor, "cachesvc-trash", nice=19)
+        self.trash = Trash(settings.trash_dir, settings.roots, self.trash_lane, reactor)
         deleter = BatchingDeleter(self.lane, lambda target: delete_now(target, self.trash))
-        zones = ZoneMap(config.zones, policy)
-        self.purger = Purger(policy, deleter, reactor, zones, self.trash, self.scanner)
-        self.factory = PurgeFactory(self.purger, reactor, config.idle_timeout, config.max_line_length)
-        port = strports.service(config.listen, self.factory, reactor=reactor)
+        scanner = PrefixScanner(self.scan_lane, reactor)
+        self.purger = Purger(policy, deleter, reactor, ZoneMap(settings.zones, policy), scanner)
+        self.factory = PurgeFactory(self.purger, reactor, settings.idle_timeout, settings.max_line_length)
+        port = strports.service(settings.listen, self.factory, reactor=reactor)
         port.setName("purge-port")
         port.setServiceParent(self)
 
     def startService(self) -> None:
-        self.trash.open()
+        self.trash.open()  # starts the trash's thread when the trash is usable
         self.lane.start()
-        self.scanner.lane.start()
+        self.scan_lane.start()
         super().startService()
 
     def stopService(self) -> Deferred[None]:
@@ -51,5 +56,5 @@ class PurgeService(MultiService):
 
     def _stop_threads(self, result: Any) -> Any:
         self.trash.close()  # the next start deletes what is left in the trash
-        self.scanner.lane.abandon()
+        self.scan_lane.abandon()
         return self.lane.stop().addCallback(lambda _: result)

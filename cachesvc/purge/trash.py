@@ -2,8 +2,9 @@
 
 A site purge renames the zone's top-level entries (16 directories with ``levels=1:2``) into a
 private slot of the trash directory on the same filesystem. That takes microseconds whatever the
-cache size, and afterwards nginx finds no file for any key (a MISS). The slot is deleted on a
-low-priority thread; slots left by a crash or a stop are deleted at the next start.
+cache size, and afterwards nginx finds no file for any key (a MISS). The trash then deletes the
+slot itself, on its own low-priority thread; slots left by a crash or a stop are deleted at the
+next start.
 The trash is never inside an nginx zone, whose cache loader would delete foreign files.
 """
 
@@ -13,22 +14,27 @@ import errno
 import itertools
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from cachesvc.purge.fstree import DIR_FLAGS, empty_dir_fd, remove_tree_at
-from cachesvc.purge.lane import WorkerThread
+from cachesvc.purge.paths import PurgeTarget
+from cachesvc.purge.workers import WorkerThread
 
 
 class Trash:
+    """The trash directory: takes renamed directories from the deleter's thread and deletes them on its own."""
+
     log = Logger()
 
-    def __init__(self, path: str, roots: list[str], reactor: Any) -> None:
+    def __init__(self, path: str, roots: Sequence[str], lane: WorkerThread, reactor: Any) -> None:
         self.path = path
         self.roots = roots
-        self.lane = WorkerThread(reactor, "cachesvc-trash", nice=19)
+        self.lane = lane  # low priority: background deletion never competes with purges
         self._reactor = reactor
         self._fd: int | None = None
         self._usable: dict[str, bool] = {}
@@ -58,79 +64,79 @@ class Trash:
                     root=root, trash=self.path,
                 )
         self.lane.start()
-        self.lane.submit(self._clean_leftovers, self._cleaned)
+        self.lane.submit(self._clean_leftovers).addBoth(self._cleaned)
 
     def close(self) -> None:
         """Stop without waiting: what is left in the trash is deleted at the next start."""
         self.lane.abandon()
 
-    def move_aside(self, root: str, parent_fd: int, name: str, keep_dir: bool) -> tuple[str | None, bool]:
-        """Blocking. Move directory *name* (or, with *keep_dir*, its contents) into a new slot.
+    def move_aside(self, target: PurgeTarget, parent_fd: int, name: str) -> bool:
+        """Blocking, on the deleter's thread. Move directory *name* (a zone root: its contents) into a new slot.
 
-        Returns ``(slot, complete)``: *slot* holds what moved (``None`` if nothing did) and
-        *complete* says whether everything did; the caller deletes what is left in place.
+        Returns whether everything moved; the caller deletes what is left in place. Whatever moved
+        is deleted by the trash in the background.
         """
-        if self._fd is None or not self._usable.get(root):
-            return None, False
+        if self._fd is None or not self._usable.get(target.root):
+            return False
         slot = f"{time.time_ns():x}-{next(self._slots)}"
         try:
             os.mkdir(slot, 0o700, dir_fd=self._fd)
         except OSError as e:
             self._reactor.callFromThread(self.log.warn, "cannot use trash {trash}: {e}", trash=self.path, e=e)
-            return None, False
+            return False
         slot_fd = os.open(slot, DIR_FLAGS, dir_fd=self._fd)
-        moved = 0
         try:
-            if not keep_dir:
+            if not target.is_zone_root:
                 os.rename(name, "tree", src_dir_fd=parent_fd, dst_dir_fd=slot_fd)
-                return slot, True
+                return True
             zone_fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
             try:
                 for entry in os.listdir(zone_fd):
                     try:
                         os.rename(entry, entry, src_dir_fd=zone_fd, dst_dir_fd=slot_fd)
-                        moved += 1
                     except FileNotFoundError:
                         pass
             finally:
                 os.close(zone_fd)
-            return slot, True
+            return True
         except OSError as e:
             if e.errno != errno.EXDEV:
                 raise
-            self._usable[root] = False
+            self._usable[target.root] = False
             self._reactor.callFromThread(
-                self.log.warn, "{root}: rename into the trash crosses a mount; deleting in place from now on", root=root
+                self.log.warn, "{root}: rename into the trash crosses a mount; deleting in place from now on",
+                root=target.root,
             )
-            return (slot if moved else None), False
+            return False
         finally:
             os.close(slot_fd)
+            # Even an empty slot is removed, by the same background job.
+            self._reactor.callFromThread(self.discard, slot, target.path)
 
-    def discard(self, slot: str, label: str) -> Deferred[int]:
-        """Delete *slot* on the low-priority thread; fires with the number of files removed."""
-        done: Deferred[int] = Deferred()
+    def discard(self, slot: str, label: str) -> Deferred[int | None]:
+        """Delete *slot* on the low-priority thread; fires with the files removed (``None``: failed, logged)."""
         started = time.monotonic()
         fd = self._fd
+        assert fd is not None, "discard before open"
 
-        def finished(ok: bool, result: Any) -> None:
-            if ok:
-                self.log.info(
+        def finished(result: int | Failure) -> int | None:
+            if isinstance(result, Failure):
+                self.log.error("background delete of {label!r} failed: {e}", label=label, e=result.value)
+                return None
+            self.log.info(
                     "background delete of {label!r} finished: {files} files in {seconds:.2f} s",
                     label=label, files=result, seconds=time.monotonic() - started,
                 )
-                done.callback(result)
-            else:
-                self.log.error("background delete of {label!r} failed: {e}", label=label, e=result)
-                done.errback(result)
+            return result
 
-        self.lane.submit(lambda: remove_tree_at(fd, slot), finished)  # type: ignore[arg-type]
-        return done
+        return self.lane.submit(lambda: remove_tree_at(fd, slot)).addBoth(finished)
 
     def _clean_leftovers(self) -> int:
-        return empty_dir_fd(self._fd)  # type: ignore[arg-type]
+        assert self._fd is not None
+        return empty_dir_fd(self._fd)
 
-    def _cleaned(self, ok: bool, result: Any) -> None:
-        if not ok:
-            self.log.error("cleaning leftover trash in {trash} failed: {e}", trash=self.path, e=result)
+    def _cleaned(self, result: int | Failure) -> None:
+        if isinstance(result, Failure):
+            self.log.error("cleaning leftover trash in {trash} failed: {e}", trash=self.path, e=result.value)
         elif result:
             self.log.info("deleted {files} leftover files from trash {trash}", files=result, trash=self.path)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from urllib.parse import unquote
 
-from cachesvc.config import ZoneConfig
 from cachesvc.purge.paths import PathPolicy, PurgeTarget, Refused
 
-_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 _URL_END_OF_AUTHORITY = re.compile(r"[/?#]")
 _UNSAFE_IN_REQUEST = re.compile(rb"[^\x21-\x7e]")  # what a client percent-encodes before sending
 
@@ -91,7 +90,7 @@ def _as_sent(text: str) -> str:
 
 
 def render_key(template: str, variables: dict[str, str]) -> str:
-    return _VARIABLE.sub(lambda m: variables[m.group(1) or m.group(2)], template)
+    return VARIABLE.sub(lambda m: variables[m.group(1) or m.group(2)], template)
 
 
 def cache_file(zone_dir: str, levels: Sequence[int], key: str) -> str:
@@ -107,6 +106,8 @@ def cache_file(zone_dir: str, levels: Sequence[int], key: str) -> str:
 
 @dataclass(frozen=True)
 class Zone:
+    """A checked zone (``purge.config.check_zone`` makes them): hosts, directory, levels, key, methods."""
+
     hosts: frozenset[str]  # lower-case; "*" matches any host
     path: str  # may hold {host}
     levels: tuple[int, ...]
@@ -123,39 +124,9 @@ class Zone:
 class ZoneMap:
     """Finds the cache files and key prefixes of a URL in every configured zone that serves its host."""
 
-    def __init__(self, zones: Sequence[ZoneConfig], policy: PathPolicy) -> None:
+    def __init__(self, zones: Sequence[Zone], policy: PathPolicy) -> None:
         self.policy = policy
-        self.zones = [
-            Zone(
-                frozenset(h.lower() for h in z.hosts),
-                z.path.rstrip("/"),
-                tuple(int(n) for n in z.levels.split(":")) if z.levels else (),
-                z.key,
-                tuple(m.upper() for m in z.methods),
-            )
-            for z in zones
-        ]
-
-    @staticmethod
-    def check(zone: ZoneConfig, roots: Sequence[str]) -> None:
-        """Raise ``ValueError`` with the fix when *zone* cannot describe an nginx cache below *roots*."""
-        if not zone.hosts:
-            raise ValueError('hosts: list the host names this zone caches, or ["*"] for any host')
-        levels = zone.levels.split(":") if zone.levels else []
-        if len(levels) > 3 or any(n not in ("1", "2") for n in levels):
-            raise ValueError(f"levels: {zone.levels!r} is not nginx syntax; write up to three 1s or 2s joined by ':', e.g. 1:2")
-        for m in _VARIABLE.finditer(zone.key):
-            if (m.group(1) or m.group(2)) not in VARIABLES:
-                raise ValueError(f"key: ${m.group(1) or m.group(2)} is not supported; use {', '.join('$' + v for v in VARIABLES)}")
-        if "$" in _VARIABLE.sub("", zone.key):
-            raise ValueError(f"key: {zone.key!r} has a '$' that is not a variable")
-        if not zone.methods or any(not m.isalpha() for m in zone.methods):
-            raise ValueError(f"methods: {zone.methods!r}; list HTTP methods, e.g. [GET, HEAD]")
-        sample = zone.path.replace("{host}", "example.com")
-        try:
-            PathPolicy(roots).target(sample.encode())
-        except Refused as e:
-            raise ValueError(f"path: {zone.path!r} is not below a cache root ({e}); e.g. {roots[0]}/{{host}}") from None
+        self.zones = tuple(zones)
 
     def files(self, url: str) -> list[PurgeTarget]:
         """Every cache file that may hold *url*: each matching zone, method, and the trailing-slash twin."""
@@ -175,8 +146,8 @@ class ZoneMap:
         request = parse_url(url)
         found: list[tuple[PurgeTarget, list[bytes]]] = []
         for zone, directory in self._zones_for(request):
-            tail = _VARIABLE.split(zone.key)[-1]
-            last = list(_VARIABLE.finditer(zone.key))
+            tail = VARIABLE.split(zone.key)[-1]
+            last = list(VARIABLE.finditer(zone.key))
             if tail or not last or (last[-1].group(1) or last[-1].group(2)) not in ("request_uri", "uri"):
                 raise Refused("prefix purge needs a zone key that ends with $request_uri or $uri")
             keys = [render_key(zone.key, request.variables(m)).encode() for m in zone.methods]

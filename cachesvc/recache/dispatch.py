@@ -9,13 +9,17 @@ round-robin over healthy gateways; one that refuses connections or times out sit
 from __future__ import annotations
 
 import json
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import treq
 from hyperlink import EncodedURL
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.web.client import HTTPConnectionPool
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.client import Agent, HTTPConnectionPool
+from zope.interface import Interface, implementer
 
 from cachesvc.recache.gojson import encode_object
 
@@ -75,16 +79,41 @@ class GatewayPicker:
         self._resting[gateway.id] = self._clock.seconds() + self._cooldown
 
 
-class Dispatcher:
-    """One request per call; fires with the HTTP status, or fails (refused, reset, timed out)."""
+class IDispatcher(Interface):
+    """Sends one recache request to an Edge Gateway. The seam tests and embedders swap."""
 
-    def __init__(self, reactor: Any, auth_key: str, timeout: float, max_connections: int) -> None:
-        self._reactor = reactor
+    def send(gateway: Gateway, url: str, host_id: int, dimension_id: int) -> Deferred[int]:
+        """Fire with the HTTP status; fail if the request was refused, reset or timed out."""
+
+    def close() -> Deferred[None]:
+        """Close idle connections; called once the scheduler has stopped."""
+
+
+def pooled_client(reactor: Any, max_connections: int) -> tuple[HTTPClient, HTTPConnectionPool]:
+    """A treq client over a persistent pool of at most *max_connections* per gateway."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max_connections
+    pool.cachedConnectionTimeout = 30
+    return HTTPClient(Agent(reactor, pool=pool)), pool
+
+
+@implementer(IDispatcher)
+class Dispatcher:
+    """One request per call through *client*; fires with the HTTP status, or fails (refused, reset, timed out)."""
+
+    def __init__(
+        self,
+        client: HTTPClient,
+        clock: IReactorTime,
+        auth_key: str,
+        timeout: float,
+        pool: HTTPConnectionPool | None = None,
+    ) -> None:
+        self._client = client
+        self._clock = clock
+        self._pool = pool
         self._headers = {b"X-Internal-Auth": auth_key.encode(), b"Content-Type": b"application/json"}
         self._timeout = timeout
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = max_connections
-        self.pool.cachedConnectionTimeout = 30
         self._targets: dict[str, EncodedURL] = {}
 
     def send(self, gateway: Gateway, url: str, host_id: int, dimension_id: int) -> Deferred[int]:
@@ -93,14 +122,16 @@ class Dispatcher:
         if target is None:  # parsed once per gateway: treq would parse the text on every request
             target = self._targets[gateway.base_url] = EncodedURL.from_text(f"{gateway.base_url}/internal/cache/recache")
         d = self._exchange(target, body)
-        d.addTimeout(self._timeout, self._reactor)
+        d.addTimeout(self._timeout, self._clock)
         return d
 
     @inlineCallbacks
-    def _exchange(self, url: EncodedURL, body: bytes):  # type: ignore[no-untyped-def]
-        response = yield treq.post(url, data=body, headers=self._headers, pool=self.pool, reactor=self._reactor)
+    def _exchange(self, url: EncodedURL, body: bytes) -> Generator[Deferred[Any], Any, int]:
+        response = yield self._client.post(url, data=body, headers=self._headers)
         yield treq.content(response)
-        return response.code
+        return int(response.code)
 
     def close(self) -> Deferred[None]:
-        return self.pool.closeCachedConnections()
+        if self._pool is None:
+            return succeed(None)
+        return self._pool.closeCachedConnections()

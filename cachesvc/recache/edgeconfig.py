@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from cachesvc.config import read_yaml_mapping
+from cachesvc.configfile import read_yaml_mapping
 from cachesvc.durations import parse_duration
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Generator
 from typing import Any
 
 from twisted.application.service import Service
@@ -18,9 +19,11 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succ
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from cachesvc.recache.claims import Claim, Ledger
-from cachesvc.recache.dispatch import Dispatcher, GatewayPicker, gateways_from_registry
+from cachesvc.metrics import Metrics
+from cachesvc.recache.dispatch import GatewayPicker, IDispatcher, gateways_from_registry
 from cachesvc.recache.gojson import GoJSONError
+from cachesvc.recache.keys import EG_REGISTRY, PRIORITIES, RS_REGISTRY
+from cachesvc.recache.ledger import Claim, Ledger
 from cachesvc.recache.members import decode_member
 from cachesvc.recache.redisclient import RedisError, RedisUnavailable
 from cachesvc.recache.registry import capacity_line, healthy_services
@@ -31,16 +34,26 @@ from cachesvc.recache.store import Store
 
 class Scheduler(Service):
     log = Logger()
+    name = "scheduler"
 
-    def __init__(self, settings: RecacheSettings, store: Store, state: SchedulerState, reactor: Any, metrics: Any) -> None:
+    def __init__(
+        self,
+        settings: RecacheSettings,
+        store: Store,
+        ledger: Ledger,
+        dispatcher: IDispatcher,
+        state: SchedulerState,
+        reactor: Any,
+        metrics: Metrics,
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.ledger = ledger
+        self.dispatcher = dispatcher
         self.state = state
         self.reactor = reactor
         self.metrics = metrics
-        self.ledger = Ledger(store.redis, settings.daemon_id, settings.lease, reactor)
         self.gateways = GatewayPicker(settings.edge_gateways, reactor, settings.gateway_cooldown)
-        self.dispatcher = Dispatcher(reactor, settings.edge.auth_key, settings.timeout_per_url, settings.max_size)
         self.host_ids = [h.id for h in settings.edge.hosts]
         self.loop = LoopingCall(self.tick)
         self.loop.clock = reactor
@@ -52,7 +65,7 @@ class Scheduler(Service):
         self._snapshot = 0.0
         self._online_samples: deque[tuple[float, int]] = deque()
         self._busy = False
-        self._again = False
+        self._queued: bool | None = None  # asked for while a cycle ran: None, False (refill), True (full)
         self._refill_pending = False
         self._rotation = 0
         self._normal_due_at = 0.0  # first normal check on the first tick
@@ -65,13 +78,16 @@ class Scheduler(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.log.info("Starting Cache Daemon daemon_id={daemon_id} hosts={hosts} redis={redis}",
+                      daemon_id=self.settings.daemon_id, hosts=len(self.settings.edge.hosts),
+                      redis=self.settings.redis_addr)
         self.log.info("Scheduler started tick_interval={tick}s normal_check_interval={normal}s lease={lease}s",
                       tick=self.settings.tick_interval, normal=self.settings.normal_check_interval, lease=self.settings.lease)
         self.loop.start(self.settings.tick_interval, now=False).addErrback(
             lambda f: self.log.failure("scheduler loop stopped", f))
 
     @inlineCallbacks
-    def stopService(self):  # type: ignore[no-untyped-def]
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         """Stop claiming, let in-flight requests finish for a while, then give the rest back at once."""
         self._stopping = True
         super().stopService()
@@ -112,7 +128,9 @@ class Scheduler(Service):
 
     def _cycle(self, full: bool) -> Deferred[None]:
         if self._busy:
-            self._again = True  # whatever asked (a tick, a finished request) is served by one more cycle
+            # Served by one more cycle when this one ends; a tick's full work (discovery, reaping,
+            # queue depths) is never downgraded to a refill.
+            self._queued = full or bool(self._queued)
             return succeed(None)
         self._busy = True
         d = self._claim_and_send(full)
@@ -123,9 +141,15 @@ class Scheduler(Service):
 
     def _cycle_done(self, _: Any) -> None:
         self._busy = False
-        if self._again:
-            self._again = False
+        queued, self._queued = self._queued, None
+        if queued:
+            self.reactor.callLater(0, self._queued_tick)
+        elif queued is not None:
             self._schedule_refill()
+
+    def _queued_tick(self) -> None:
+        if not self.state.paused and not self._stopping and self.running:
+            self._cycle(full=True)
 
     def _redis_ok(self, _: Any) -> None:
         if self._outage is not None:
@@ -139,7 +163,7 @@ class Scheduler(Service):
             self.log.error("Redis unavailable, scheduling paused until it answers: {reason}", reason=self._outage)
 
     @inlineCallbacks
-    def _claim_and_send(self, full: bool):  # type: ignore[no-untyped-def]
+    def _claim_and_send(self, full: bool) -> Generator[Deferred[Any], Any, None]:
         if full:
             yield self._discover()
         if self._settling:
@@ -160,7 +184,7 @@ class Scheduler(Service):
         self._rotation += 1
         result = yield self.ledger.claim(self._line, self._load, self._snapshot, self._online_floor(now), limit, hosts,
                                          3 if normal else 1)
-        self._online_samples.append((now, result.online))
+        self._online_samples.append((now, result.budget.online))
         if normal:
             self._normal_active = result.more_normal or any(c.priority != "high" for c in result.claims)
             if not self._normal_active:
@@ -169,22 +193,22 @@ class Scheduler(Service):
             self._start(claim)
 
     @inlineCallbacks
-    def _discover(self):  # type: ignore[no-untyped-def]
-        eg_values = yield self.store.scan_values("registry:eg:*")
+    def _discover(self) -> Generator[Deferred[Any], Any, None]:
+        eg_values = yield self.store.registry_values(EG_REGISTRY)
         self.gateways.update(gateways_from_registry(eg_values))
-        self._rs_keys = yield self.store.scan_keys("service:render:*")
+        self._rs_keys = yield self.store.registered(RS_REGISTRY)
         yield self._reread_render_services()
         reaped = yield self.ledger.reap()
         if reaped:
             self.log.warn("returned {n} entries whose lease expired (a daemon stopped mid-request) to their queues", n=reaped)
         counts = yield self.store.queue_counts(self.host_ids, int(self.reactor.seconds()))
-        for priority in ("high", "normal", "autorecache"):
+        for priority in PRIORITIES:
             self.metrics.queue_depth.labels(priority).set(sum(c[priority].total for c in counts.values()))
 
     @inlineCallbacks
-    def _reread_render_services(self):  # type: ignore[no-untyped-def]
-        values = (yield self.store.redis.call("MGET", *self._rs_keys)) if self._rs_keys else []
-        services = healthy_services([v for v in values if v], self.reactor.seconds())
+    def _reread_render_services(self) -> Generator[Deferred[Any], Any, None]:
+        values = yield self.store.values(self._rs_keys)
+        services = healthy_services(values, self.reactor.seconds())
         self._line = capacity_line(services, self.settings.rs_capacity_reserved)
         self._load = sum(s.load for s in services)
         self._snapshot = min((s.last_seen for s in services), default=self.reactor.seconds())
@@ -220,7 +244,7 @@ class Scheduler(Service):
         self._schedule_refill()
 
     @inlineCallbacks
-    def _settle(self, claim: Claim, action: str, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+    def _settle(self, claim: Claim, action: str, *args: Any, **kwargs: Any) -> Generator[Deferred[Any], Any, str]:
         self._settling += 1
         try:
             return (yield self.ledger.settle(claim, action, *args, **kwargs))
@@ -228,7 +252,7 @@ class Scheduler(Service):
             self._settling -= 1
 
     @inlineCallbacks
-    def _process(self, claim: Claim):  # type: ignore[no-untyped-def]
+    def _process(self, claim: Claim) -> Generator[Deferred[Any], Any, None]:
         try:
             member = decode_member(claim.member)
         except GoJSONError as e:

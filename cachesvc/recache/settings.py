@@ -9,14 +9,113 @@ API on :10090 with a 30s request timeout, metrics at /metrics).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from cachesvc.config import Config, ConfigError
+from cachesvc.configfile import ConfigError, GoDuration
 from cachesvc.durations import format_duration
 from cachesvc.recache.edgeconfig import EdgeConfig, EdgeConfigError, load_edge_config
 
 DEFAULT_API_LISTEN = ":10090"
 LOG_LEVELS = ("", "debug", "info", "warn", "error")
+
+# --- the Cache Daemon's fields of the config file (EdgeComet's cache-daemon.yaml), Go names ------
+# ``None`` means "not in the file": the documented default applies; an explicit value is checked
+# with the Go daemon's rules and messages.
+
+
+@dataclass
+class RedisConfig:
+    addr: str = ""
+    password: str = ""
+    db: int = 0
+
+
+@dataclass
+class SchedulerConfig:
+    tick_interval: GoDuration | None = None
+    normal_check_interval: GoDuration | None = None
+
+
+@dataclass
+class InternalQueueConfig:
+    max_size: int | None = None
+    max_retries: int | None = None
+    retry_base_delay: GoDuration | None = None
+
+
+@dataclass
+class RecacheConfig:
+    rs_capacity_reserved: float | None = None
+    timeout_per_url: GoDuration | None = None
+    high_queue_limit: int = 1000
+    lease: GoDuration | None = None  # default: 2 x timeout_per_url
+    edge_gateways: list[str] = field(default_factory=list)  # base URLs, when none is registered
+    gateway_cooldown: GoDuration = 5.0
+    shutdown_grace: GoDuration = 10.0
+
+
+@dataclass
+class HTTPAPIConfig:
+    enabled: bool | None = None
+    listen: str = ""
+    request_timeout: GoDuration | None = None
+    scheduler_control_api: bool = False
+    max_body_size: int = 4 * 1024 * 1024
+
+
+@dataclass
+class ConsoleLogConfig:
+    enabled: bool = False
+    format: str = ""
+    level: str = ""
+
+
+@dataclass
+class RotationConfig:
+    max_size: int = 0
+    max_age: int = 0
+    max_backups: int = 0
+    compress: bool = False
+
+
+@dataclass
+class FileLogConfig:
+    enabled: bool = False
+    path: str = ""
+    format: str = ""
+    level: str = ""
+    rotation: RotationConfig = field(default_factory=RotationConfig)
+
+
+@dataclass
+class LoggingConfig:
+    level: str = ""
+    console: ConsoleLogConfig = field(default_factory=ConsoleLogConfig)
+    file: FileLogConfig = field(default_factory=FileLogConfig)
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = False
+    listen: str = ""
+    path: str = ""
+    namespace: str = ""
+
+
+@dataclass
+class CacheDaemonConfig:
+    """The Cache Daemon's top-level fields as written; the recache half runs when ``eg_config`` is set."""
+
+    eg_config: str | None = None
+    daemon_id: str = ""
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    internal_queue: InternalQueueConfig = field(default_factory=InternalQueueConfig)
+    recache: RecacheConfig = field(default_factory=RecacheConfig)
+    http_api: HTTPAPIConfig = field(default_factory=HTTPAPIConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
 
 
 @dataclass(frozen=True)
@@ -73,11 +172,16 @@ def _port(listen: str) -> str | None:
     return None
 
 
-def check_recache(config: Config) -> RecacheSettings:
-    source = config.source or "config"
+def check_recache(config: CacheDaemonConfig, source: str | None = None) -> RecacheSettings:
+    """Check *config* with the Go daemon's rules, read the EG config it names, and resolve the defaults.
+
+    *source* is the config file's path: messages start with it, and a relative ``eg_config`` is
+    read from beside it.
+    """
+    where = source or "config"
 
     def fail(message: str) -> ConfigError:
-        return ConfigError(f"{source}: {message}")
+        return ConfigError(f"{where}: {message}")
 
     if not config.eg_config:
         raise fail("eg_config must be specified (the path of the Edge Gateway config)")
@@ -151,13 +255,13 @@ def check_recache(config: Config) -> RecacheSettings:
         if config.logging.file.format not in ("", "json", "text"):
             raise fail(f"logging.file.format must be json or text, got {config.logging.file.format!r}")
     eg_path = config.eg_config
-    if not os.path.isabs(eg_path) and config.source:
-        eg_path = os.path.join(os.path.dirname(os.path.abspath(config.source)), eg_path)
+    if not os.path.isabs(eg_path) and source:
+        eg_path = os.path.join(os.path.dirname(os.path.abspath(source)), eg_path)
     try:
         edge = load_edge_config(eg_path)
     except EdgeConfigError as e:
-        raise ConfigError(f"{source}: eg_config: {e}") from None
-    settings = RecacheSettings(
+        raise ConfigError(f"{where}: eg_config: {e}") from None
+    return RecacheSettings(
         daemon_id=config.daemon_id,
         redis_addr=config.redis.addr,
         redis_password=config.redis.password,
@@ -185,5 +289,3 @@ def check_recache(config: Config) -> RecacheSettings:
         metrics_namespace=m.namespace or "edgecomet",
         edge=edge,
     )
-    config.settings = settings
-    return settings

@@ -1,7 +1,8 @@
-"""A single worker thread for blocking filesystem work, driven from the reactor thread.
+"""Worker threads for blocking filesystem work, and the one bridge from them to Deferreds.
 
 Leaner than ``twisted.python.threadpool.ThreadPool`` for this job (no context capture, no team
-coordinator), which is most of a small purge's latency. Results come back with ``callFromThread``.
+coordinator), which is most of a small purge's latency. :meth:`WorkerThread.submit` is the only
+way purge code hands work to a thread: it returns a Deferred that fires on the reactor thread.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+T = TypeVar("T")
 _STOP = object()
 
 
@@ -24,7 +28,7 @@ class WorkerThread:
 
     def __init__(self, reactor: Any, name: str, nice: int = 0) -> None:
         self._reactor = reactor
-        self._name = name
+        self.name = name
         self._nice = nice
         self._abandoned = False
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -32,12 +36,19 @@ class WorkerThread:
         self._stopped: Deferred[None] | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-        self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
 
-    def submit(self, job: Callable[[], Any], done: Callable[[bool, Any], None]) -> None:
-        """Run *job* on the thread; call ``done(ok, result_or_exception)`` on the reactor thread."""
-        self._jobs.put((job, done))
+    def submit(self, job: Callable[[], T]) -> Deferred[T]:
+        """Run *job* on the thread; the Deferred fires on the reactor thread with its result or exception.
+
+        Call from the reactor thread. A job still queued when the thread is abandoned never runs,
+        and its Deferred never fires: abandon only work that the next start redoes.
+        """
+        d: Deferred[T] = Deferred()
+        self._jobs.put((job, d))
+        return d
 
     def abandon(self) -> None:
         """Skip the jobs still queued; the running one finishes. For work that start-up redoes anyway."""
@@ -59,17 +70,20 @@ class WorkerThread:
             try:  # Linux: the priority of this thread alone
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
             except OSError as e:
-                self._reactor.callFromThread(self.log.warn, "cannot lower {name}'s priority: {e}", name=self._name, e=e)
+                self._reactor.callFromThread(self.log.warn, "cannot lower {name}'s priority: {e}", name=self.name, e=e)
         while True:
             item = self._jobs.get()
             if self._abandoned:
                 return
             if item is _STOP:
-                self._reactor.callFromThread(self._stopped.callback, None)  # type: ignore[union-attr]
+                stopped = self._stopped
+                if stopped is not None:
+                    self._reactor.callFromThread(stopped.callback, None)
                 return
-            job, done = item
+            job, d = item
             try:
-                result, ok = job(), True
-            except BaseException as e:  # handed to the reactor thread, which decides
-                result, ok = e, False
-            self._reactor.callFromThread(done, ok, result)
+                result = job()
+            except BaseException:  # handed to the reactor thread, which decides
+                self._reactor.callFromThread(d.errback, Failure())
+            else:
+                self._reactor.callFromThread(d.callback, result)

@@ -1,0 +1,163 @@
+"""The ``purge:`` section: its schema, and the checks that turn it into :class:`PurgeSettings`.
+
+The daemon deletes with privileges, so everything is checked before anything listens: the
+endpoint, the roots (absolute, existing, never ``/``), the trash (outside every nginx zone) and
+each zone (nginx syntax, below a root). Checking returns a new, resolved value; the parsed
+section is left as it was.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cachesvc.configfile import ConfigError, Duration, check_server_endpoint, label
+from cachesvc.purge.paths import PathPolicy, Refused
+from cachesvc.purge.zones import VARIABLE, VARIABLES, Zone
+
+
+@dataclass
+class ZoneConfig:
+    """One nginx cache zone, described as nginx's ``fastcgi_cache_path``/``fastcgi_cache_key`` do."""
+
+    hosts: list[str]
+    path: str
+    levels: str = "1:2"
+    key: str = "$scheme$request_method$host$request_uri"
+    methods: list[str] = field(default_factory=lambda: ["GET", "HEAD"])
+
+
+@dataclass
+class PurgeConfig:
+    """The ``purge:`` section as written: the SpinupWP-compatible purge service."""
+
+    listen: str = "tcp:7836:interface=127.0.0.1"
+    roots: list[str] = field(default_factory=lambda: ["/cache"])
+    idle_timeout: Duration = 30.0
+    max_line_length: int = 4096
+    trash_dir: str | None = None
+    zones: list[ZoneConfig] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PurgeSettings:
+    """The purge section checked and resolved: what the purge service runs on."""
+
+    listen: str
+    roots: tuple[str, ...]  # normalised, absolute, existing directories
+    idle_timeout: float
+    max_line_length: int
+    trash_dir: str  # absolute; a direct child of a root or outside every root
+    zones: tuple[Zone, ...]
+
+
+def check_purge(purge: PurgeConfig, source: str | None = None) -> PurgeSettings:
+    """Refuse a purge section that cannot run safely; return what it resolves to."""
+    check_server_endpoint(
+        purge.listen, "purge.listen", source, "tcp:7836:interface=127.0.0.1 or unix:/run/cachesvc/purge.sock"
+    )
+    if purge.idle_timeout <= 0:
+        raise ConfigError(f"{label('purge.idle_timeout', source)}: must be > 0, e.g. 30s")
+    if not 1 <= purge.max_line_length <= 1 << 20:
+        raise ConfigError(
+            f"{label('purge.max_line_length', source)}: {purge.max_line_length} is out of range; "
+            "use 1 to 1048576 (default 4096)"
+        )
+    roots = _check_roots(purge.roots, source)
+    zones = []
+    for i, zone in enumerate(purge.zones):
+        try:
+            zones.append(check_zone(zone, roots))
+        except ValueError as e:
+            raise ConfigError(f"{label(f'purge.zones[{i}]', source)}: {e}") from None
+    return PurgeSettings(
+        listen=purge.listen,
+        roots=roots,
+        idle_timeout=purge.idle_timeout,
+        max_line_length=purge.max_line_length,
+        trash_dir=_check_trash(purge.trash_dir, roots, source),
+        zones=tuple(zones),
+    )
+
+
+def _check_roots(roots: Sequence[str], source: str | None) -> tuple[str, ...]:
+    if not roots:
+        raise ConfigError(f"{label('purge.roots', source)}: list at least one cache root, e.g. [/cache]")
+    normalised: list[str] = []
+    for i, root in enumerate(roots):
+        where = label(f"purge.roots[{i}]", source)
+        if not root.startswith("/"):
+            raise ConfigError(f"{where}: {root!r} is relative; give the absolute path of the cache directory")
+        norm = os.path.normpath(root)
+        if norm.startswith("//"):
+            norm = "/" + norm.lstrip("/")
+        if norm == "/":
+            raise ConfigError(
+                f"{where}: {root!r} would let clients delete the whole filesystem; name the cache directory"
+            )
+        if not os.path.isdir(norm):
+            what = "does not exist" if not os.path.exists(norm) else "is not a directory"
+            raise ConfigError(f"{where}: {root!r} {what}; create it (owned by the nginx user) or fix the path")
+        if norm in normalised:
+            raise ConfigError(f"{where}: {root!r} is listed twice")
+        normalised.append(norm)
+    return tuple(normalised)
+
+
+def _check_trash(trash_dir: str | None, roots: Sequence[str], source: str | None) -> str:
+    """The trash must be outside every nginx zone: a root's hidden child, or outside the roots."""
+    where = label("purge.trash_dir", source)
+    trash = trash_dir or os.path.join(roots[0], ".cachesvc-trash")
+    if not trash.startswith("/"):
+        raise ConfigError(f"{where}: {trash!r} is relative; give an absolute path on the cache's filesystem")
+    trash = os.path.normpath(trash)
+    for root in roots:
+        if trash == root or root.startswith(trash + "/"):
+            raise ConfigError(
+                f"{where}: {trash!r} would contain the cache root {root}; use e.g. {root}/.cachesvc-trash"
+            )
+        if trash.startswith(root + "/") and os.path.dirname(trash) != root:
+            raise ConfigError(
+                f"{where}: {trash!r} is inside a cache zone, where nginx's cache loader deletes foreign files; "
+                f"use a direct child of the root such as {root}/.cachesvc-trash"
+            )
+    parent = os.path.dirname(trash)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{where}: the parent of {trash!r} does not exist; create it or choose another path")
+    if os.path.islink(trash) or (os.path.exists(trash) and not os.path.isdir(trash)):
+        raise ConfigError(
+            f"{where}: {trash!r} exists and is not a plain directory; remove it or choose another path"
+        )
+    return trash
+
+
+def check_zone(zone: ZoneConfig, roots: Sequence[str]) -> Zone:
+    """The :class:`Zone` *zone* describes; ``ValueError`` with the fix when it is not an nginx cache below *roots*."""
+    if not zone.hosts:
+        raise ValueError('hosts: list the host names this zone caches, or ["*"] for any host')
+    levels = zone.levels.split(":") if zone.levels else []
+    if len(levels) > 3 or any(n not in ("1", "2") for n in levels):
+        raise ValueError(
+            f"levels: {zone.levels!r} is not nginx syntax; write up to three 1s or 2s joined by ':', e.g. 1:2"
+        )
+    for m in VARIABLE.finditer(zone.key):
+        name = m.group(1) or m.group(2)
+        if name not in VARIABLES:
+            raise ValueError(f"key: ${name} is not supported; use {', '.join('$' + v for v in VARIABLES)}")
+    if "$" in VARIABLE.sub("", zone.key):
+        raise ValueError(f"key: {zone.key!r} has a '$' that is not a variable")
+    if not zone.methods or any(not m.isalpha() for m in zone.methods):
+        raise ValueError(f"methods: {zone.methods!r}; list HTTP methods, e.g. [GET, HEAD]")
+    sample = zone.path.replace("{host}", "example.com")
+    try:
+        PathPolicy(roots).target(sample.encode())
+    except Refused as e:
+        raise ValueError(f"path: {zone.path!r} is not below a cache root ({e}); e.g. {roots[0]}/{{host}}") from None
+    return Zone(
+        frozenset(h.lower() for h in zone.hosts),
+        zone.path.rstrip("/"),
+        tuple(int(n) for n in levels),
+        zone.key,
+        tuple(m.upper() for m in zone.methods),
+    )
