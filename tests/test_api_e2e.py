@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import redis as redis_py
+from prometheus_client.parser import text_string_to_metric_families
 
 from cachesvc.recache.members import encode_member
 from cachesvc.recache.urlnorm import normalize, url_hash
-from harness.daemon import Daemon, free_port
+from harness.daemon import Daemon, free_port, wait_until
+from harness.fake_eg import FakeEG
+from harness.redis_server import RedisServer
 
 KEY = "test-internal-auth-key"
 HOSTS = """hosts:
@@ -408,11 +412,54 @@ def test_43_stale_render_service_is_ignored(api: Api, redis) -> None:
     assert api("GET", "/status")[1]["rs_capacity"]["total_free_tabs"] == 10
 
 
-def test_46_pause_resume(api: Api) -> None:
-    status, body, response = api("POST", "/internal/scheduler/pause")
-    assert response.raw_body == b'{"success":true,"message":"Scheduler paused"}'
-    status, body, response = api("POST", "/internal/scheduler/resume")
-    assert response.raw_body == b'{"success":true,"message":"Scheduler resumed"}'
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that run a gateway: the module's daemon schedules from the suite's Redis."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def tick_after(api: Api, moment: str) -> str | None:
+    """``/status`` last_tick (whole seconds, RFC 3339) if it is later than *moment*."""
+    tick = api("GET", "/status")[1]["daemon"]["last_tick"]
+    return tick if tick > moment else None
+
+
+def test_46_pause_holds_due_entries_until_resume(tmp_path: Path, own_redis: RedisServer) -> None:
+    daemon, port = start_with(tmp_path, own_redis)  # ticks every 100 ms
+    eg = FakeEG(tmp_path, own_redis.addr)  # registered, with render capacity: nothing but the pause holds entries back
+    client = redis_py.Redis(port=own_redis.port)
+    try:
+        daemon.wait_for_port(port)
+        api = Api(port)
+        status, body, response = api("POST", "/internal/scheduler/pause")
+        assert response.raw_body == b'{"success":true,"message":"Scheduler paused"}'
+        time.sleep(0.5)  # the pause is read when a tick starts: let a cycle begun just before it finish
+        urls = [f"https://example.com/paused{i}" for i in range(3)]
+        assert recache(api, urls=urls, dimension_ids=[1])[0] == 200  # due now
+        # Ticks go on while paused (last_tick moves twice, a second apart: at least ten 100 ms ticks),
+        # yet nothing is claimed or sent.
+        paused_at = api("GET", "/status")[1]["daemon"]["last_tick"]
+        one = wait_until(lambda: tick_after(api, paused_at), 10, "a tick while paused")
+        wait_until(lambda: tick_after(api, one), 10, "more ticks while paused")
+        assert eg.events() == [] and eg.stats()["requests"] == 0
+        assert client.zcard("recache:1:high") == 3 and client.zcard("cachesvc:inflight") == 0
+        assert api("GET", "/status")[1]["queues"]["1"]["high"] == {"total": 3, "due_now": 3}
+        assert api("GET", "/internal/cache/queue/summary?host_id=1")[1]["data"] == {"pending": 3, "processing": 0}
+        status, body, response = api("POST", "/internal/scheduler/resume")
+        assert response.raw_body == b'{"success":true,"message":"Scheduler resumed"}'
+        wait_until(lambda: len(eg.events("end")) == 3, 15, "the held entries sent after resume")
+        assert sorted(e["json"]["url"] for e in eg.events()) == urls
+        wait_until(lambda: client.zcard("recache:1:high") == 0 and client.zcard("cachesvc:inflight") == 0, 10, "queue drained")
+        assert api("GET", "/internal/cache/queue/summary?host_id=1")[1]["data"] == {"pending": 0, "processing": 0}
+    finally:
+        client.close()
+        daemon.stop()
+        eg.stop()
 
 
 # --- listings -----------------------------------------------------------------------------------
@@ -672,28 +719,68 @@ def test_47_scheduler_control_disabled(tmp_path: Path, redis_server) -> None:
         daemon.stop()
 
 
-def test_metrics_served_at_exactly_the_path(tmp_path: Path, redis_server) -> None:
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+class Scrape:
+    """One scrape of ``/metrics``, by sample: ``Scrape(port, "shop")("api_requests_total", code="200")`` is that value, or None."""
+
+    def __init__(self, port: int, namespace: str) -> None:
+        status, text = scrape(port)
+        assert status == 200, text
+        self.prefix = f"{namespace}_cd_"
+        self.samples = {(s.name, frozenset(s.labels.items())): s.value
+                        for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def __call__(self, name: str, **labels: str) -> float | None:
+        return self.samples.get((self.prefix + name, frozenset(labels.items())))
+
+
+def test_metrics_record_what_the_traffic_did(tmp_path: Path, own_redis: RedisServer) -> None:
     mport = free_port()
-    daemon, port = start_with(tmp_path, redis_server, extra=f"metrics: {{enabled: true, listen: '127.0.0.1:{mport}', namespace: shop}}\n")
+    daemon, port = start_with(tmp_path, own_redis, extra=f"metrics: {{enabled: true, listen: '127.0.0.1:{mport}', namespace: shop}}\n")
+    eg = FakeEG(tmp_path, own_redis.addr)
+    client = redis_py.Redis(port=own_redis.port)
     try:
         daemon.wait_for_port(port)
         daemon.wait_for_port(mport)
         api = Api(port)
-        assert api("GET", "/status")[0] == 200
-        assert api("GET", "/status", auth="bad")[0] == 401
-        conn = http.client.HTTPConnection("127.0.0.1", mport, timeout=10)
-        conn.request("GET", "/metrics")
-        response = conn.getresponse()
-        text = response.read().decode()
-        assert response.status == 200
-        assert 'shop_cd_api_requests_total{code="200",endpoint="/status"} 1.0' in text
-        assert 'shop_cd_api_requests_total{code="401",endpoint="/status"} 1.0' in text
-        assert 'shop_cd_redis_operations_total{operation="eval",status="ok"}' in text
-        for name in ("shop_cd_recache_requests_total", "shop_cd_queue_depth", "shop_cd_recache_duration_seconds", "shop_cd_eg_requests_total"):
-            assert f"# TYPE {name.removesuffix('_total')}" in text
-        conn.request("GET", "/metrics/")
-        response = conn.getresponse()
-        assert (response.status, response.read()) == (404, b"Not Found")
-        conn.close()
+        for _ in range(3):
+            assert api("GET", "/status")[0] == 200
+        for _ in range(2):
+            assert api("GET", "/status", auth="bad")[0] == 401
+        assert api("GET", "/nope")[0] == 404
+        urls = [f"https://example.com/m{i}" for i in range(4)]
+        assert recache(api, urls=urls, dimension_ids=[1])[0] == 200
+        client.zadd("recache:1:high", {b"not-valid-json": now()})  # quarantined: one dead letter
+        client.zadd("recache:1:normal", {encode_member("https://example.com/later", 1): now() + 3600})  # waits an hour
+        wait_until(lambda: len(eg.events("end")) == 4 and client.hlen("cachesvc:deadletter:1") == 1, 15, "entries sent and quarantined")
+        # The queue gauges are set each tick: wait for one after the drain.
+        wait_until(lambda: (got := Scrape(mport, "shop"))("queue_depth", queue_type="high") == 0
+                   and got("queue_depth", queue_type="normal") == 1, 10, "queue depth after the drain")
+        metric = Scrape(mport, "shop")
+        assert metric("api_requests_total", endpoint="/status", code="200") == 3
+        assert metric("api_requests_total", endpoint="/status", code="401") == 2
+        assert metric("api_requests_total", endpoint="other", code="404") == 1
+        assert metric("api_requests_total", endpoint="/internal/cache/recache", code="200") == 1
+        assert metric("recache_requests_total", status="success", queue_type="high") == 4
+        assert metric("eg_requests_total", eg_id="test-eg-1", status="success") == 4
+        assert metric("recache_duration_seconds_count") == 4 and metric("recache_duration_seconds_sum") > 0
+        assert metric("dead_letters_total", reason="undecodable") == 1
+        assert metric("queue_depth", queue_type="autorecache") == 0
+        assert metric("in_flight") == 0
+        redis_ok = {dict(labels)["operation"]: v for (name, labels), v in metric.samples.items()
+                    if name == "shop_cd_redis_operations_total" and dict(labels)["status"] == "ok"}
+        assert redis_ok.get("eval", 0) > 0 and sum(redis_ok.values()) >= 10, redis_ok
+        assert scrape(mport, "/metrics/") == (404, "Not Found")
     finally:
+        client.close()
         daemon.stop()
+        eg.stop()

@@ -17,6 +17,7 @@ import pytest
 
 from harness.daemon import Daemon, free_port, purge, read_all
 from harness.nginxfiles import write_entry
+from tests.test_api_e2e import Api, write_configs
 
 OK = b"Purge: Success\n"
 ERR = b"Purge: Error\n"
@@ -228,18 +229,45 @@ def test_real_php_client(served, tmp_path: Path) -> None:
     assert refused.stdout == "failed", refused
 
 
-def test_tac_builds_the_same_service(tmp_path: Path, cache_root: Path) -> None:
-    port = free_port()
-    conf = tmp_path / "c.yaml"
-    conf.write_text(f"purge:\n  listen: tcp:{port}:interface=127.0.0.1\n  roots: [{cache_root}]\n")
+def test_tac_builds_the_service_from_cachesvc_config(tmp_path: Path, cache_root: Path, redis_server, redis) -> None:
+    """``twistd -ny cachesvc.tac`` reads $CACHESVC_CONFIG: a non-default purge port and root, and the recache half."""
+    port, api_port = free_port(), free_port()
+    conf = write_configs(tmp_path, redis_server.addr, api_port, extra=f"purge:\n  listen: tcp:{port}:interface=127.0.0.1\n  roots: [{cache_root}]\n")
+    conf.write_text(conf.read_text().replace("daemon_id: test-daemon", "daemon_id: tac-daemon"))
     zone = site(cache_root, "tac.example")
+    outside = site(tmp_path / "elsewhere", "other.example")  # a real directory, but not under the configured root
     daemon = Daemon([], tmp_path, env={"CACHESVC_CONFIG": str(conf)}, tac=True)
     try:
         daemon.wait_for_port(port)
+        daemon.wait_for_port(api_port)
         assert purge(port, f"{zone}\n".encode()) == OK
         assert list(zone.rglob("f*")) == []
+        assert purge(port, f"{outside}\n".encode()) == ERR
+        assert files_below(outside) == 3
+        api = Api(api_port)
+        assert api("GET", "/healthz", auth=None)[:2] == (200, {"success": True})
+        status, body, _ = api("GET", "/status")
+        assert status == 200 and body["daemon"]["daemon_id"] == "tac-daemon" and list(body["queues"]) == ["1", "10"]
     finally:
         daemon.stop()
+
+
+@pytest.mark.parametrize(
+    "replace, message",
+    [
+        (("roots: [", "idle_timout: 30s\n  roots: ["), "purge.idle_timout: unknown configuration field"),
+        (("tick_interval: 100ms", "tick_interval: 50ms"), "scheduler.tick_interval must be >= 100ms"),
+    ],
+    ids=["purge", "recache"],
+)
+def test_tac_refuses_a_bad_cachesvc_config(tmp_path: Path, cache_root: Path, redis_server, replace: tuple[str, str], message: str) -> None:
+    conf = write_configs(tmp_path, redis_server.addr, free_port(), extra=f"purge:\n  listen: tcp:{free_port()}:interface=127.0.0.1\n  roots: [{cache_root}]\n")
+    conf.write_text(conf.read_text().replace(*replace))
+    daemon = Daemon([], tmp_path, env={"CACHESVC_CONFIG": str(conf)}, tac=True)
+    code = daemon.exit_code()
+    daemon.stop()
+    assert code != 0
+    assert message in daemon.log and str(conf) in daemon.log and "Traceback" not in daemon.log, daemon.log
 
 
 @pytest.mark.parametrize(
