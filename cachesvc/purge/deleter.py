@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from cachesvc.purge.fstree import empty_dir_at, open_parent, remove_tree_at
-from cachesvc.purge.workers import WorkerThread
 from cachesvc.purge.paths import PurgeTarget
 from cachesvc.purge.trash import Trash
+from cachesvc.purge.workers import WorkerThread
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,9 @@ class BatchingDeleter:
                 outcomes.append(e)
         return outcomes
 
-    def _fire(self, outcomes: list[Deleted | BaseException] | Failure, batch: list[tuple[PurgeTarget, Deferred[Deleted]]]) -> None:
+    def _fire(
+        self, outcomes: list[Deleted | BaseException] | Failure, batch: list[tuple[PurgeTarget, Deferred[Deleted]]]
+    ) -> None:
         # Still busy while firing: purges requested from these callbacks join the next batch.
         for i, (_, d) in enumerate(batch):
             # A Failure: _run itself broke, so fail them all.

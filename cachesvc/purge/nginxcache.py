@@ -7,18 +7,19 @@ bytes are read per file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from cachesvc.purge.fstree import DIR_FLAGS, open_dir
-from cachesvc.purge.workers import WorkerThread
 from cachesvc.purge.paths import PurgeTarget
+from cachesvc.purge.workers import WorkerThread
 
 KEY_MARK = b"\nKEY: "
 FIRST_READ = 1024
@@ -81,10 +82,8 @@ def purge_prefixes(
                 with os.scandir(fd) as entries:
                     for entry in entries:
                         if entry.is_dir(follow_symlinks=False):
-                            try:
+                            with contextlib.suppress(OSError):
                                 stack.append(os.open(entry.name, DIR_FLAGS, dir_fd=fd))
-                            except OSError:
-                                pass
                         elif entry.is_file(follow_symlinks=False):
                             result.scanned += 1
                             key = read_key(fd, entry.name)

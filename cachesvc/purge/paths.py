@@ -7,8 +7,8 @@ Symlinks are the deleter's job (they can only be seen on disk, and it walks with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 class Refused(Exception):

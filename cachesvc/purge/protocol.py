@@ -8,11 +8,12 @@ sends no newline and never reads) is purged all the same.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -34,7 +35,6 @@ class PurgeProtocol(LineReceiver, TimeoutMixin):
     def connectionMade(self) -> None:
         # One byte of slack for the optional "\r" that lineReceived strips before measuring.
         self.MAX_LENGTH = self.factory.max_line_length + 1
-        self.callLater = self.factory.clock.callLater
         self._tail: Deferred[Any] = succeed(None)
         self._pending = 0
         self._closing = False
@@ -45,7 +45,7 @@ class PurgeProtocol(LineReceiver, TimeoutMixin):
         if self._closing:
             return
         self.resetTimeout()
-        super().dataReceived(data)
+        LineReceiver.dataReceived(self, data)
 
     def lineReceived(self, line: bytes) -> None:
         if line.endswith(b"\r"):
@@ -63,9 +63,9 @@ class PurgeProtocol(LineReceiver, TimeoutMixin):
         self._closing = True
         self.clearLineBuffer()
         self._tail.addCallback(lambda _: self._reply(ERROR))
-        self._tail.addCallback(lambda _: self.transport.loseConnection())
+        self._tail.addCallback(lambda _: self._transport().loseConnection())
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self.setTimeout(None)
         rest = self.clearLineBuffer()
@@ -76,7 +76,11 @@ class PurgeProtocol(LineReceiver, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         self.log.info("closing purge connection idle for {seconds}s", seconds=self.factory.idle_timeout)
-        super().timeoutConnection()
+        TimeoutMixin.timeoutConnection(self)
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        """TimeoutMixin's timer, on the factory's clock instead of the global reactor."""
+        return self.factory.clock.callLater(period, func)
 
     def _enqueue(self, line: bytes, reply: bool) -> None:
         """Run purges of one connection one after another, so replies keep the request order."""
@@ -95,10 +99,14 @@ class PurgeProtocol(LineReceiver, TimeoutMixin):
 
     def _reply(self, line: bytes) -> None:
         if not self._lost:
-            self.transport.write(line)
+            self._transport().write(line)
+
+    def _transport(self) -> ITransport:
+        assert self.transport is not None  # set by makeConnection, before connectionMade
+        return self.transport
 
 
-class PurgeFactory(ServerFactory):
+class PurgeFactory(ServerFactory[PurgeProtocol]):
     protocol = PurgeProtocol
     noisy = False
 

@@ -7,7 +7,8 @@ and a purge below a path that is being purged waits for that purge first.
 
 from __future__ import annotations
 
-from typing import Any, Generator
+from collections.abc import Generator
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -66,10 +67,10 @@ class Purger:
         shown = raw.decode("utf-8", "backslashreplace")
         try:
             if raw.startswith(URL_SCHEMES):
-                detail = yield self._purge_url(raw)
+                outcome, detail = yield self._purge_url(raw)
             else:
                 done = yield self.delete(self.policy.target(raw))
-                detail = (done.outcome, _files(done))
+                outcome, detail = done.outcome, _files(done)
         except Refused as e:
             self._record(shown, "refused", f": {e}", started)
             return False
@@ -80,7 +81,7 @@ class Purger:
             self.log.failure("purge {path!r} crashed", path=shown)
             self._record(shown, "failed", f": {e!r}", started)
             return False
-        self._record(shown, *detail, started)
+        self._record(shown, outcome, detail, started)
         return True
 
     def delete(self, target: PurgeTarget) -> Deferred[Deleted]:

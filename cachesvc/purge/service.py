@@ -28,7 +28,7 @@ class PurgeService(MultiService):
     """Listens on ``settings.listen``; its threads stop after the port has closed."""
 
     def __init__(self, settings: PurgeSettings, reactor: Any) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.setName("purge")
         policy = PathPolicy(settings.roots, trash=settings.trash_dir)
         self.lane = WorkerThread(reactor, "cachesvc-purge")
@@ -47,7 +47,7 @@ class PurgeService(MultiService):
         self.trash.open()  # starts the trash's thread when the trash is usable
         self.lane.start()
         self.scan_lane.start()
-        super().startService()
+        MultiService.startService(self)
 
     def stopService(self) -> Deferred[None]:
         d = maybeDeferred(super().stopService)

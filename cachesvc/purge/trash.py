@@ -10,6 +10,7 @@ The trash is never inside an nginx zone, whose cache loader would delete foreign
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -43,10 +44,8 @@ class Trash:
     def open(self) -> None:
         """Create the trash (mode 0700) and find the roots it can take renames from. Small and once."""
         try:
-            try:
+            with contextlib.suppress(FileExistsError):
                 os.mkdir(self.path, 0o700)
-            except FileExistsError:
-                pass
             self._fd = os.open(self.path, DIR_FLAGS)
         except OSError as e:
             self.log.warn(
@@ -92,10 +91,8 @@ class Trash:
             zone_fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
             try:
                 for entry in os.listdir(zone_fd):
-                    try:
+                    with contextlib.suppress(FileNotFoundError):
                         os.rename(entry, entry, src_dir_fd=zone_fd, dst_dir_fd=slot_fd)
-                    except FileNotFoundError:
-                        pass
             finally:
                 os.close(zone_fd)
             return True

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from urllib.parse import unquote
 
 from cachesvc.purge.paths import PathPolicy, PurgeTarget, Refused
@@ -69,10 +69,7 @@ def parse_url(url: str) -> Request:
     cut = _URL_END_OF_AUTHORITY.search(rest)
     authority, tail = (rest[: cut.start()], rest[cut.start() :]) if cut else (rest, "")
     authority = authority.rpartition("@")[2]
-    if authority.startswith("["):
-        host = authority[: authority.find("]") + 1]
-    else:
-        host = authority.partition(":")[0]
+    host = authority[: authority.find("]") + 1] if authority.startswith("[") else authority.partition(":")[0]
     host = host.lower()
     if host.endswith("."):
         host = host[:-1]  # one trailing dot, as nginx's $host drops it
