@@ -112,7 +112,10 @@ class Dispatcher:
         self._client = client
         self._clock = clock
         self._pool = pool
-        self._headers = {b"X-Internal-Auth": auth_key.encode(), b"Content-Type": b"application/json"}
+        self._headers: dict[bytes | str, bytes | str] = {
+            b"X-Internal-Auth": auth_key.encode(),
+            b"Content-Type": b"application/json",
+        }
         self._timeout = timeout
         self._targets: dict[str, EncodedURL] = {}
 
@@ -120,7 +123,8 @@ class Dispatcher:
         body = encode_object([("url", url), ("host_id", host_id), ("dimension_id", dimension_id)])
         target = self._targets.get(gateway.base_url)
         if target is None:  # parsed once per gateway: treq would parse the text on every request
-            target = self._targets[gateway.base_url] = EncodedURL.from_text(f"{gateway.base_url}/internal/cache/recache")
+            target = EncodedURL.from_text(f"{gateway.base_url}/internal/cache/recache")
+            self._targets[gateway.base_url] = target
         d = self._exchange(target, body)
         d.addTimeout(self._timeout, self._clock)
         return d
@@ -134,4 +138,5 @@ class Dispatcher:
     def close(self) -> Deferred[None]:
         if self._pool is None:
             return succeed(None)
-        return self._pool.closeCachedConnections()
+        closed: Deferred[None] = self._pool.closeCachedConnections()  # unannotated in Twisted
+        return closed

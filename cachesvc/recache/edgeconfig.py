@@ -99,7 +99,10 @@ def load_edge_config(path: str) -> EdgeConfig:
     for file, index, entry in host_entries:
         host = _host(entry, file, f"hosts[{index}]", global_dims, global_stale)
         if host.id in seen:
-            raise EdgeConfigError(f"{file}: hosts[{index}].id {host.id} is already used by a host in {seen[host.id]}; host ids must be unique")
+            raise EdgeConfigError(
+                f"{file}: hosts[{index}].id {host.id} is already used by a host in {seen[host.id]}; "
+                "host ids must be unique"
+            )
         seen[host.id] = file
         hosts.append(host)
     return EdgeConfig(path, auth_key, tuple(hosts))
@@ -119,13 +122,12 @@ def _mapping(value: Any, path: str, key: str) -> dict[str, Any]:
 
 def _host_files(eg_path: str, include: str) -> list[str]:
     pattern = include if os.path.isabs(include) else os.path.join(os.path.dirname(os.path.abspath(eg_path)), include)
-    if os.path.isdir(pattern):
-        files = glob.glob(os.path.join(pattern, "*.yaml"))
-    else:
-        files = glob.glob(pattern)
+    files = glob.glob(os.path.join(pattern, "*.yaml")) if os.path.isdir(pattern) else glob.glob(pattern)
     files = sorted(files, key=os.path.basename)
     if not files:
-        raise EdgeConfigError(f"{eg_path}: hosts.include {include!r} matches no host files; check the path (relative to the EG config)")
+        raise EdgeConfigError(
+            f"{eg_path}: hosts.include {include!r} matches no host files; check the path (relative to the EG config)"
+        )
     return files
 
 
@@ -158,7 +160,8 @@ def _host(entry: Any, file: str, where: str, global_dims: Any, global_stale: flo
     dimensions = _dimensions(dims_source or {}, file, f"{where}.dimensions")
     stale = _stale_ttl(entry, file, f"{where}.render.cache.expired.stale_ttl")
     enabled = entry.get("enabled", True)
-    return Host(host_id, tuple(domains), dimensions, global_stale if stale is None else stale, enabled is not False, file)
+    stale_ttl = global_stale if stale is None else stale
+    return Host(host_id, tuple(domains), dimensions, stale_ttl, enabled is not False, file)
 
 
 def _dimensions(section: Any, file: str, where: str) -> tuple[Dimension, ...]:
@@ -186,7 +189,10 @@ def _dimensions(section: Any, file: str, where: str) -> tuple[Dimension, ...]:
         if action not in ("render", "block", "bypass"):
             raise EdgeConfigError(f"{file}: {label}.action {action!r} is not one of render, block, bypass")
         if dim_id in ids:
-            raise EdgeConfigError(f"{file}: {label}.id {dim_id} is already used by dimension {ids[dim_id]!r}; dimension ids must be unique per host")
+            raise EdgeConfigError(
+                f"{file}: {label}.id {dim_id} is already used by dimension {ids[dim_id]!r}; "
+                "dimension ids must be unique per host"
+            )
         ids[dim_id] = name
         dims.append(Dimension(str(name), dim_id, action))
     if 0 not in ids:

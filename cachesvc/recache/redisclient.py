@@ -21,6 +21,8 @@ from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cachesvc.metrics import Metrics
+
 
 class RedisUnavailable(Exception):
     """Redis did not answer in time or the connection is down."""
@@ -48,7 +50,9 @@ class RedisClient(Service):
     log = Logger()
     name = "redis"
 
-    def __init__(self, addr: str, password: str, db: int, reactor: Any, timeout: float = 3.0, metrics: Any = None) -> None:
+    def __init__(
+        self, addr: str, password: str, db: int, reactor: Any, timeout: float = 3.0, metrics: Metrics | None = None
+    ) -> None:
         host, _, port = addr.rpartition(":")
         self._metrics = metrics
         self.addr = addr
@@ -89,10 +93,16 @@ class RedisClient(Service):
         d.addErrback(self._translate, command)
         if self._metrics is not None:
             counter = self._metrics.redis_operations
-            d.addCallbacks(
-                lambda result: (counter.labels(command.lower(), "ok").inc(), result)[1],
-                lambda failure: (counter.labels(command.lower(), "error").inc(), failure)[1],
-            )
+
+            def ok(result: Any) -> Any:
+                counter.labels(command.lower(), "ok").inc()
+                return result
+
+            def error(failure: Failure) -> Failure:
+                counter.labels(command.lower(), "error").inc()
+                return failure
+
+            d.addCallbacks(ok, error)
         return d
 
     def _translate(self, failure: Failure, command: str) -> Failure:
@@ -103,5 +113,5 @@ class RedisClient(Service):
         return failure
 
     def stopService(self) -> Deferred[Any]:
-        super().stopService()
+        Service.stopService(self)
         return maybeDeferred(self._pool.disconnect)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 RS_HEALTHY_WITHIN = 3.0  # seconds: the RS registry TTL
 _FRACTION = re.compile(r"\.(\d+)")
@@ -25,7 +26,7 @@ def format_go_time(seconds: float | None) -> str:
     """RFC 3339 UTC at second precision; Go's zero time when never."""
     if seconds is None:
         return "0001-01-01T00:00:00Z"
-    return datetime.fromtimestamp(int(seconds), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(int(seconds), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

@@ -77,12 +77,13 @@ class Scheduler(Service):
     # --- lifecycle -------------------------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self.log.info("Starting Cache Daemon daemon_id={daemon_id} hosts={hosts} redis={redis}",
                       daemon_id=self.settings.daemon_id, hosts=len(self.settings.edge.hosts),
                       redis=self.settings.redis_addr)
         self.log.info("Scheduler started tick_interval={tick}s normal_check_interval={normal}s lease={lease}s",
-                      tick=self.settings.tick_interval, normal=self.settings.normal_check_interval, lease=self.settings.lease)
+                      tick=self.settings.tick_interval, normal=self.settings.normal_check_interval,
+                      lease=self.settings.lease)
         self.loop.start(self.settings.tick_interval, now=False).addErrback(
             lambda f: self.log.failure("scheduler loop stopped", f))
 
@@ -90,15 +91,18 @@ class Scheduler(Service):
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
         """Stop claiming, let in-flight requests finish for a while, then give the rest back at once."""
         self._stopping = True
-        super().stopService()
+        Service.stopService(self)
         if self.loop.running:
             self.loop.stop()
         pending = list(self._inflight.values())
         if pending:
-            self.log.info("waiting up to {grace}s for {n} in-flight recache requests", grace=self.settings.shutdown_grace, n=len(pending))
+            self.log.info("waiting up to {grace}s for {n} in-flight recache requests",
+                          grace=self.settings.shutdown_grace, n=len(pending))
             # Wait without cancelling: a cancelled request would take the retry path, not go back as it was.
             timer = deferLater(self.reactor, self.settings.shutdown_grace, lambda: None)
-            yield DeferredList([DeferredList(pending, consumeErrors=True), timer], fireOnOneCallback=True, consumeErrors=True)
+            yield DeferredList(
+                [DeferredList(pending, consumeErrors=True), timer], fireOnOneCallback=True, consumeErrors=True
+            )
             if not timer.called:
                 timer.cancel()
         left = list(self._claims.values())  # still unanswered: their late answers will find the claim gone
@@ -180,7 +184,8 @@ class Scheduler(Service):
             return
         now = self.reactor.seconds()
         normal = now >= self._normal_due_at or self._normal_active
-        hosts = self.host_ids[self._rotation % len(self.host_ids):] + self.host_ids[: self._rotation % len(self.host_ids)]
+        first = self._rotation % len(self.host_ids)
+        hosts = self.host_ids[first:] + self.host_ids[:first]
         self._rotation += 1
         result = yield self.ledger.claim(self._line, self._load, self._snapshot, self._online_floor(now), limit, hosts,
                                          3 if normal else 1)
@@ -200,7 +205,8 @@ class Scheduler(Service):
         yield self._reread_render_services()
         reaped = yield self.ledger.reap()
         if reaped:
-            self.log.warn("returned {n} entries whose lease expired (a daemon stopped mid-request) to their queues", n=reaped)
+            self.log.warn("returned {n} entries whose lease expired (a daemon stopped mid-request) to their queues",
+                          n=reaped)
         counts = yield self.store.queue_counts(self.host_ids, int(self.reactor.seconds()))
         for priority in PRIORITIES:
             self.metrics.queue_depth.labels(priority).set(sum(c[priority].total for c in counts.values()))
@@ -247,7 +253,8 @@ class Scheduler(Service):
     def _settle(self, claim: Claim, action: str, *args: Any, **kwargs: Any) -> Generator[Deferred[Any], Any, str]:
         self._settling += 1
         try:
-            return (yield self.ledger.settle(claim, action, *args, **kwargs))
+            outcome: str = yield self.ledger.settle(claim, action, *args, **kwargs)
+            return outcome
         finally:
             self._settling -= 1
 
@@ -282,13 +289,15 @@ class Scheduler(Service):
             return
         now = int(self.reactor.seconds())
         if outcome == "client_error":
-            self.log.error("Recache rejected by {eg} ({error}), dead-lettered url={url!r} host_id={host} dimension_id={dim}",
+            self.log.error("Recache rejected by {eg} ({error}), dead-lettered url={url!r} host_id={host} "
+                           "dimension_id={dim}",
                            eg=gateway.id, error=error, url=member.url, host=claim.host_id, dim=member.dimension_id)
             self.metrics.dead_letters.labels("rejected").inc()
             yield self._settle(claim, "dead", reason=f"{gateway.id} answered {error}", failed_at=now)
             return
         result = yield self._settle(claim, "retry", self.settings.retry_base_delay, self.settings.max_retries,
-                                          reason=f"failed after {self.settings.max_retries} attempts, last: {error} from {gateway.id}",
+                                          reason=f"failed after {self.settings.max_retries} attempts, "
+                                                 f"last: {error} from {gateway.id}",
                                           failed_at=now)
         if result == "dead":
             self.metrics.dead_letters.labels("exhausted").inc()

@@ -160,7 +160,9 @@ def go_listen_endpoint(listen: str) -> str:
         return listen
     host, _, port = listen.rpartition(":")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"{listen!r} has no valid port (1-65535); write :10090, 127.0.0.1:10090 or an endpoint like tcp:10090")
+        raise ValueError(
+            f"{listen!r} has no valid port (1-65535); write :10090, 127.0.0.1:10090 or an endpoint like tcp:10090"
+        )
     host = host.strip("[]")
     return f"tcp:{port}" + (f":interface={host}" if host else "")
 
@@ -198,7 +200,8 @@ def check_recache(config: CacheDaemonConfig, source: str | None = None) -> Recac
     normal = 60.0 if s.normal_check_interval is None else s.normal_check_interval
     if s.normal_check_interval is not None and normal and round(normal * 1e9) % round(tick * 1e9):
         raise fail(
-            f"scheduler.normal_check_interval ({format_duration(normal)}) must be a multiple of tick_interval ({format_duration(tick)})"
+            f"scheduler.normal_check_interval ({format_duration(normal)}) "
+            f"must be a multiple of tick_interval ({format_duration(tick)})"
         )
     if q.max_size is not None and q.max_size <= 0:
         raise fail(f"internal_queue.max_size must be > 0, got {q.max_size}")
@@ -213,7 +216,8 @@ def check_recache(config: CacheDaemonConfig, source: str | None = None) -> Recac
     timeout_per_url = 60.0 if r.timeout_per_url is None else r.timeout_per_url
     lease = 2 * timeout_per_url if r.lease is None else r.lease
     if lease <= timeout_per_url:
-        raise fail(f"recache.lease ({format_duration(lease)}) must be longer than timeout_per_url ({format_duration(timeout_per_url)}), "
+        raise fail(f"recache.lease ({format_duration(lease)}) must be longer than "
+                   f"timeout_per_url ({format_duration(timeout_per_url)}), "
                    "or entries still being sent would be handed out again")
     for i, url in enumerate(r.edge_gateways):
         if not url.startswith(("http://", "https://")):

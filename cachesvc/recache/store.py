@@ -8,7 +8,7 @@ Lua loops). Key names come from :mod:`cachesvc.recache.keys`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from cachesvc.recache.redisclient import RedisClient, Script
 SCAN_COUNT = 500
 SCAN_ROUNDS = 4  # per invalidate-all script call: at most 2,000 keys
 DELETE_CHUNK = 1000
+ENQUEUE_CHUNK = 1000
 REGISTRY_SCAN_COUNT = 1000
 
 ENQUEUE = Script("enqueue")
@@ -80,15 +81,24 @@ class Store:
         return self.redis.call("PING")
 
     @inlineCallbacks
-    def enqueue(self, host_id: int, priority: str, members: Sequence[bytes], score: int, limit: int) -> Any:
+    def enqueue(
+        self, host_id: int, priority: str, members: Sequence[bytes], score: int, limit: int
+    ) -> Generator[Deferred[Any], Any, Enqueued]:
         """Add *members* due at *score*, all or none under *limit* (0 = no cap); fires with :class:`Enqueued`."""
         if not members:
             return Enqueued(True, 0, 0)
-        ok, count, _new = yield self.redis.run(ENQUEUE, [keys.queue_key(host_id, priority)], [limit, score, *members])
-        return Enqueued(bool(int(ok)), int(count) if int(ok) else 0, 0 if int(ok) else int(count))
+        queue = [keys.queue_key(host_id, priority)]
+        if limit:  # the cap is checked and applied in one step: one call
+            ok, count, _new = yield self.redis.run(ENQUEUE, queue, [limit, score, *members])
+            return Enqueued(bool(int(ok)), int(count) if int(ok) else 0, 0 if int(ok) else int(count))
+        added = 0  # no cap: chunks, so that neither this reactor nor Redis is held by one big call
+        for start in range(0, len(members), ENQUEUE_CHUNK):
+            _ok, count, _new = yield self.redis.run(ENQUEUE, queue, [0, score, *members[start : start + ENQUEUE_CHUNK]])
+            added += int(count)
+        return Enqueued(True, added, 0)
 
     @inlineCallbacks
-    def delete_each(self, names: Sequence[bytes | str]) -> Any:
+    def delete_each(self, names: Sequence[bytes | str]) -> Generator[Deferred[Any], Any, list[int]]:
         """DEL every key; fires with one 0/1 per key."""
         results: list[int] = []
         for start in range(0, len(names), DELETE_CHUNK):
@@ -97,7 +107,7 @@ class Store:
         return results
 
     @inlineCallbacks
-    def delete_metadata(self, host_id: int, dimension_ids: Sequence[int] | None) -> Any:
+    def delete_metadata(self, host_id: int, dimension_ids: Sequence[int] | None) -> Generator[Deferred[Any], Any, int]:
         """Delete every metadata key of *host_id* (optionally only these dimensions); fires with the count."""
         cursor, total = b"0", 0
         filters = [str(d) for d in dimension_ids] if dimension_ids else []
@@ -111,7 +121,9 @@ class Store:
                 return total
 
     @inlineCallbacks
-    def scan_metadata(self, host_id: int, cursor: bytes, count: int = SCAN_COUNT) -> Any:
+    def scan_metadata(
+        self, host_id: int, cursor: bytes, count: int = SCAN_COUNT
+    ) -> Generator[Deferred[Any], Any, tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
         """One SCAN step over *host_id*'s metadata, with each hash: ``(next_cursor, [(key, {field: value})])``."""
         reply = yield self.redis.run(SCAN_HASHES, [], [cursor, keys.meta_pattern(host_id), count])
         entries = []
@@ -121,7 +133,9 @@ class Store:
         return reply[0], entries
 
     @inlineCallbacks
-    def queue_counts(self, host_ids: Sequence[int], now: int) -> Any:
+    def queue_counts(
+        self, host_ids: Sequence[int], now: int
+    ) -> Generator[Deferred[Any], Any, dict[int, dict[str, QueueCount]]]:
         """``{host_id: {priority: QueueCount}}`` for every host, in one round trip."""
         names = [keys.queue_key(h, p) for h in host_ids for p in keys.PRIORITIES]
         if not names:
@@ -136,7 +150,9 @@ class Store:
         return counts
 
     @inlineCallbacks
-    def queue_page(self, host_id: int, priorities: Sequence[str], offset: int, size: int) -> Any:
+    def queue_page(
+        self, host_id: int, priorities: Sequence[str], offset: int, size: int
+    ) -> Generator[Deferred[Any], Any, QueuePage]:
         """Entries *offset* to *offset + size* of *host_id*'s queues listed one after another; a :class:`QueuePage`."""
         reply = yield self.redis.run(QUEUE_PAGE, [keys.queue_key(host_id, p) for p in priorities], [offset, size])
         entries = [
@@ -145,7 +161,7 @@ class Store:
         return QueuePage(int(reply[0]), entries)
 
     @inlineCallbacks
-    def registered(self, pattern: str) -> Any:
+    def registered(self, pattern: str) -> Generator[Deferred[Any], Any, list[bytes]]:
         """Every registry key matching *pattern*, by SCAN (never KEYS), sorted."""
         cursor, found = b"0", []
         while True:
@@ -155,7 +171,7 @@ class Store:
                 return sorted(found)
 
     @inlineCallbacks
-    def values(self, names: Sequence[bytes | str]) -> Any:
+    def values(self, names: Sequence[bytes | str]) -> Generator[Deferred[Any], Any, list[bytes]]:
         """The values of string keys *names* that exist (one MGET; a missing key is left out)."""
         if not names:
             return []
@@ -163,13 +179,14 @@ class Store:
         return [v for v in found if v]
 
     @inlineCallbacks
-    def registry_values(self, pattern: str) -> Any:
+    def registry_values(self, pattern: str) -> Generator[Deferred[Any], Any, list[bytes]]:
         """Values of every registry key matching *pattern* (a handful of keys)."""
         names = yield self.registered(pattern)
-        return (yield self.values(names))
+        found: list[bytes] = yield self.values(names)
+        return found
 
     @inlineCallbacks
-    def deadletter_counts(self, host_ids: Sequence[int]) -> Any:
+    def deadletter_counts(self, host_ids: Sequence[int]) -> Generator[Deferred[Any], Any, dict[int, int]]:
         """``{host_id: entries in its dead-letter set}``, in one round trip."""
         if not host_ids:
             return {}
@@ -177,7 +194,7 @@ class Store:
         return dict(zip(host_ids, (int(n) for n in reply), strict=True))
 
     @inlineCallbacks
-    def deadletters(self, host_id: int) -> Any:
+    def deadletters(self, host_id: int) -> Generator[Deferred[Any], Any, list[tuple[bytes, bytes, bytes]]]:
         """``[(queue key, member, record JSON bytes)]`` of *host_id*'s dead-letter set."""
         flat = yield self.redis.call("HGETALL", keys.deadletter_key(host_id))
         found = []
@@ -187,7 +204,9 @@ class Store:
         return found
 
     @inlineCallbacks
-    def inflight_summary(self, snapshot: float, host_id: int | None = None) -> Any:
+    def inflight_summary(
+        self, snapshot: float, host_id: int | None = None
+    ) -> Generator[Deferred[Any], Any, InflightSummary]:
         """An :class:`InflightSummary`: in flight for every daemon, claimed after *snapshot*, and of *host_id*."""
         prefix = "" if host_id is None else keys.queue_prefix(host_id)
         total, unreflected, mine = yield self.redis.run(
@@ -196,7 +215,7 @@ class Store:
         return InflightSummary(int(total), int(unreflected), int(mine))
 
     @inlineCallbacks
-    def requeue_dead(self, host_id: int) -> Any:
+    def requeue_dead(self, host_id: int) -> Generator[Deferred[Any], Any, int]:
         """Put every dead-lettered entry of *host_id* back in its queue, due now; fires with the count."""
         count = yield self.redis.run(REQUEUE_DEAD, [keys.deadletter_key(host_id)], [])
         return int(count)

@@ -50,9 +50,7 @@ def should_escape(c: int, mode: int) -> bool:
             return True
         if mode == FRAGMENT:
             return False
-    if mode == FRAGMENT and c in b"!()*":
-        return False
-    return True
+    return mode != FRAGMENT or c not in b"!()*"
 
 
 def escape(s: bytes, mode: int) -> bytes:
@@ -151,18 +149,19 @@ class URL:
         if self.opaque:
             buf += self.opaque
         else:
-            if self.scheme or self.host or self.user is not None:
-                if not (self.omit_host and not self.host and self.user is None):
-                    if self.host or self.path or self.user is not None:
-                        buf += b"//"
-                    if self.user is not None:
-                        name, password = self.user
-                        buf += escape(name, USER_PASSWORD)
-                        if password is not None:
-                            buf += b":" + escape(password, USER_PASSWORD)
-                        buf += b"@"
-                    if self.host:
-                        buf += escape(self.host, HOST)
+            if (self.scheme or self.host or self.user is not None) and not (
+                self.omit_host and not self.host and self.user is None
+            ):
+                if self.host or self.path or self.user is not None:
+                    buf += b"//"
+                if self.user is not None:
+                    name, password = self.user
+                    buf += escape(name, USER_PASSWORD)
+                    if password is not None:
+                        buf += b":" + escape(password, USER_PASSWORD)
+                    buf += b"@"
+                if self.host:
+                    buf += escape(self.host, HOST)
             path = self.escaped_path()
             if path and path[:1] != b"/" and self.host:
                 buf += b"/"
