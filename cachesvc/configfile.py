@@ -97,7 +97,7 @@ def _convert(hint: Any, value: Any, path: str, source: str | None) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{here}: expected a list, got {_kind(value)} {value!r}")
         return [_convert(item, v, f"{path}[{i}]", source) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return build(hint, {} if value is None else value, path, source)
     if hint is bool:
         if not isinstance(value, bool):

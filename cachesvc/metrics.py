@@ -6,32 +6,53 @@ Served by a small twisted.web resource around ``generate_latest()`` at exactly `
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 
+class _Common(TypedDict):
+    namespace: str
+    subsystem: str
+    registry: CollectorRegistry
+
+
 class Metrics:
     def __init__(self, namespace: str = "edgecomet") -> None:
         self.registry = CollectorRegistry()
-        common = {"namespace": namespace, "subsystem": "cd", "registry": self.registry}
-        self.recache_requests = Counter("recache_requests", "Recache requests sent to Edge Gateways, by outcome and queue.",
-                                        ["status", "queue_type"], **common)
-        self.queue_depth = Gauge("queue_depth", "Entries waiting in the Redis queues, by queue.", ["queue_type"], **common)
-        self.recache_duration = Histogram("recache_duration_seconds", "Time an Edge Gateway took to answer a recache request.",
-                                          **common)
-        self.redis_operations = Counter("redis_operations", "Redis calls, by command and outcome.", ["operation", "status"], **common)
-        self.eg_requests = Counter("eg_requests", "Requests to Edge Gateways, by gateway and outcome.", ["eg_id", "status"], **common)
-        self.api_requests = Counter("api_requests", "HTTP API requests, by endpoint and status code.", ["endpoint", "code"], **common)
+        common: _Common = {"namespace": namespace, "subsystem": "cd", "registry": self.registry}
+        self.recache_requests = Counter(
+            "recache_requests", "Recache requests sent to Edge Gateways, by outcome and queue.",
+            ["status", "queue_type"], **common,
+        )
+        self.queue_depth = Gauge(
+            "queue_depth", "Entries waiting in the Redis queues, by queue.", ["queue_type"], **common
+        )
+        self.recache_duration = Histogram(
+            "recache_duration_seconds", "Time an Edge Gateway took to answer a recache request.", **common
+        )
+        self.redis_operations = Counter(
+            "redis_operations", "Redis calls, by command and outcome.", ["operation", "status"], **common
+        )
+        self.eg_requests = Counter(
+            "eg_requests", "Requests to Edge Gateways, by gateway and outcome.", ["eg_id", "status"], **common
+        )
+        self.api_requests = Counter(
+            "api_requests", "HTTP API requests, by endpoint and status code.", ["endpoint", "code"], **common
+        )
         self.in_flight = Gauge("in_flight", "Recache requests this daemon has in flight.", **common)
-        self.dead_letters = Counter("dead_letters", "Entries moved to the dead-letter set, by reason.", ["reason"], **common)
+        self.dead_letters = Counter(
+            "dead_letters", "Entries moved to the dead-letter set, by reason.", ["reason"], **common
+        )
 
 
 class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, metrics: Metrics, path: str) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self._metrics = metrics
         self._path = path.encode()
 

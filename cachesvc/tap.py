@@ -18,7 +18,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        usage.Options.__init__(self)
         self["cache-root"] = []
 
     def opt_cache_root(self, path: str) -> None:

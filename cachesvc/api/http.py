@@ -9,7 +9,8 @@ gives 503 with a clear message, never a hung client.
 from __future__ import annotations
 
 import hmac
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
 from twisted.logger import Logger
@@ -17,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from cachesvc.metrics import Metrics
 from cachesvc.recache.gojson import encode_object
 from cachesvc.recache.redisclient import RedisError, RedisUnavailable
 
@@ -40,6 +42,14 @@ def envelope(success: bool, message: str = "", data: Any = None) -> bytes:
     return encode_object(pairs)
 
 
+def request_body(request: Request) -> bytes:
+    """The whole request body (twisted.web has read it before the resource renders)."""
+    content = request.content
+    assert content is not None  # set by Request.gotLength
+    data: bytes = content.read()
+    return data
+
+
 class Raw:
     """A body sent as is (``/status`` is not enveloped)."""
 
@@ -55,8 +65,8 @@ class ApiResource(Resource):
     log = Logger()
 
     def __init__(self, auth_key: str, routes: dict[tuple[bytes, bytes], Handler], reactor: Any,
-                 request_timeout: float, healthz: Handler, metrics: Any = None) -> None:
-        super().__init__()
+                 request_timeout: float, healthz: Handler, metrics: Metrics | None = None) -> None:
+        Resource.__init__(self)
         self._metrics = metrics
         self._key = auth_key.encode()
         self._routes = routes
@@ -64,7 +74,7 @@ class ApiResource(Resource):
         self._timeout = request_timeout
         self._healthz = healthz
 
-    def render(self, request: Request) -> Any:
+    def render(self, request: Request) -> bytes | int:
         for header in (b"server", b"date"):
             request.responseHeaders.removeHeader(header)
         path = request.path
@@ -75,7 +85,7 @@ class ApiResource(Resource):
         if not given:
             self.log.warn("Missing X-Internal-Auth header path={path}", path=path.decode("latin-1"))
             return self._send(request, 401, envelope(False, "unauthorized"))
-        if not hmac.compare_digest(given.encode("latin-1") if isinstance(given, str) else given, self._key):
+        if not hmac.compare_digest(given, self._key):
             self.log.warn("Invalid X-Internal-Auth header path={path}", path=path.decode("latin-1"))
             return self._send(request, 401, envelope(False, "unauthorized"))
         handler = self._routes.get((request.method, path))
@@ -100,9 +110,8 @@ class ApiResource(Resource):
             self._send(request, 200, result)
 
     def _fail(self, request: Request, failure: Failure) -> None:
-        if failure.check(ApiError):
-            error: ApiError = failure.value  # type: ignore[assignment]
-            self._send(request, error.status, envelope(False, error.message))
+        if isinstance(failure.value, ApiError):
+            self._send(request, failure.value.status, envelope(False, failure.value.message))
         elif failure.check(RedisUnavailable, TimeoutError):
             message = str(failure.value) if failure.check(RedisUnavailable) else "request timed out waiting for Redis"
             self.log.warn("{path}: {message}", path=request.path.decode("latin-1"), message=message)
@@ -113,7 +122,7 @@ class ApiResource(Resource):
             self.log.failure("internal error on {path}", failure, path=request.path.decode("latin-1"))
             self._send(request, 500, envelope(False, "internal error"))
 
-    def _send(self, request: Request, status: int, body: bytes) -> bytes:
+    def _send(self, request: Request, status: int, body: bytes) -> bytes | int:
         if self._metrics is not None:
             known = (request.method, request.path) in self._routes or request.path == b"/healthz"
             endpoint = request.path.decode("latin-1") if known else "other"
@@ -127,7 +136,7 @@ class ApiResource(Resource):
             return b""
         request.write(body)
         request.finish()
-        return NOT_DONE_YET  # type: ignore[return-value]
+        return NOT_DONE_YET
 
 
 def limited_request(max_body: int) -> type[Request]:
@@ -147,7 +156,7 @@ def limited_request(max_body: int) -> type[Request]:
             if length is not None and length > max_body:
                 self._refuse()
                 return
-            super().gotLength(length)
+            Request.gotLength(self, length)
 
         def handleContentChunk(self, data: bytes) -> None:
             if self._refused:
@@ -156,15 +165,16 @@ def limited_request(max_body: int) -> type[Request]:
             if self._received > max_body:
                 self._refuse()
                 return
-            super().handleContentChunk(data)
+            Request.handleContentChunk(self, data)
 
         def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
             if not self._refused:
-                super().requestReceived(command, path, version)
+                Request.requestReceived(self, command, path, version)
 
         def _refuse(self) -> None:
             self._refused = True
             transport = self.channel.transport
+            assert transport is not None  # still receiving this request
             transport.write(response)
             transport.loseConnection()
 

@@ -48,10 +48,7 @@ class Listings:
                     items.append(item)
                     if len(items) == limit:
                         rest = entries[index + 1 :]
-                        if rest:
-                            next_cursor = f"{scan_cursor.decode()}-{index + 1}"
-                        else:
-                            next_cursor = following
+                        next_cursor = f"{scan_cursor.decode()}-{index + 1}" if rest else following
                         break
             else:
                 skip = 0
@@ -207,6 +204,4 @@ class _CacheFilters:
             return False
         if self.source is not None and item["source"] != self.source:
             return False
-        if self.index_status is not None and item["index_status"] not in self.index_status:
-            return False
-        return True
+        return self.index_status is None or item["index_status"] in self.index_status
