@@ -125,7 +125,8 @@ def main() -> None:
     redis.start()
     port, ceiling_port = free_port(), free_port()
     (base / "hosts.yaml").write_text(
-        "hosts:\n  - id: 1\n    domain: bench.example.com\n    dimensions:\n      desktop: {id: 1}\n      mobile: {id: 2}\n"
+        "hosts:\n  - id: 1\n    domain: bench.example.com\n"
+        "    dimensions:\n      desktop: {id: 1}\n      mobile: {id: 2}\n"
     )
     (base / "eg.yaml").write_text(f"internal: {{auth_key: {KEY}}}\nhosts: {{include: hosts.yaml}}\n")
     (base / "cd.yaml").write_text(
@@ -140,7 +141,9 @@ def main() -> None:
         print(f"API benchmark on {sys.platform}, cachesvc against its own redis-server {redis.addr}")
 
         trips, total = counters(redis.port)
-        status, data, seconds = post(port, "/internal/cache/recache", {"host_id": 1, "urls": urls, "priority": "normal"})
+        status, data, seconds = post(
+            port, "/internal/cache/recache", {"host_id": 1, "urls": urls, "priority": "normal"}
+        )
         trips2, total2 = counters(redis.port)
         assert status == 200 and data["data"]["entries_enqueued"] == 30000, data
         print(f"recache of 10,000 URLs x 3 dimensions (30,000 entries): {seconds * 1000:.0f} ms, "

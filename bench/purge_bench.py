@@ -115,7 +115,9 @@ def start_daemon(base: Path, root: Path, port: int, log: Path) -> subprocess.Pop
         f"purge:\n  listen: tcp:{port}:interface=127.0.0.1:backlog=1024\n  roots: [{root}]\n"
         f"  zones:\n    - hosts: ['*']\n      path: {root}/{{host}}\n"
     )
-    proc = subprocess.Popen([TWISTD, "-n", "--pidfile=", f"--logfile={log}", "cachesvc", "--config", str(conf)], cwd=base)
+    proc = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", f"--logfile={log}", "cachesvc", "--config", str(conf)], cwd=base
+    )
     wait_port(port)
     return proc
 
@@ -182,7 +184,10 @@ def bench_url(root: Path, port: int, n: int) -> None:
     rate, p50, p99 = run(port, payloads, 16)
     left = sum(len(f) for _, _, f in os.walk(zone))
     assert left == 0, f"{left} files were not purged"
-    print(f"\nURL purges, 16 clients, 4 candidate files each (GET/HEAD x twin): {rate:.0f}/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    print(
+        f"\nURL purges, 16 clients, 4 candidate files each (GET/HEAD x twin): {rate:.0f}/s, "
+        f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+    )
 
 
 TIGHT_LOOP = """
@@ -254,7 +259,10 @@ def bench_protocol(root: Path, daemon_port: int, ceiling_port: int, n: int) -> N
     run(daemon_port, [f"{root}/warm/x\n".encode()] * 200, 16)
     run(ceiling_port, [b"/warm\n"] * 200, 16)
     print(f"\nprotocol: {n} purges per row, one TCP connection each")
-    header = f"{'workload':<14}{'clients':>8}{'cachesvc/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'ceiling/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}"
+    header = (
+        f"{'workload':<14}{'clients':>8}{'cachesvc/s':>12}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'ceiling/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}"
+    )
     print(header)
     print("-" * len(header))
     for workload in ("missing path", "real file"):
@@ -269,7 +277,10 @@ def bench_protocol(root: Path, daemon_port: int, ceiling_port: int, n: int) -> N
                 left = sum(len(f) for _, _, f in os.walk(zone))
                 assert left == 0, f"{left} files were not purged"
             crate, cp50, cp99 = run(ceiling_port, payloads, clients)
-            print(f"{workload:<14}{clients:>8}{rate:>12.0f}{p50:>9.2f}{p99:>9.2f}{crate:>12.0f}{cp50:>9.2f}{cp99:>9.2f}{rate / crate:>8.2f}")
+            print(
+                f"{workload:<14}{clients:>8}{rate:>12.0f}{p50:>9.2f}{p99:>9.2f}"
+                f"{crate:>12.0f}{cp50:>9.2f}{cp99:>9.2f}{rate / crate:>8.2f}"
+            )
 
 
 if __name__ == "__main__":

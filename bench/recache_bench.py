@@ -27,8 +27,8 @@ import redis as redis_py  # noqa: E402
 
 from cachesvc.recache.members import encode_member  # noqa: E402
 from harness.daemon import Daemon, free_port  # noqa: E402
-from harness.redis_server import RedisServer  # noqa: E402
 from harness.fake_eg import FakeEG  # noqa: E402
+from harness.redis_server import RedisServer  # noqa: E402
 
 HOSTS = 5
 
@@ -57,7 +57,10 @@ def main() -> None:
     client = redis_py.Redis(port=server.port)
     eg = FakeEG(base, server.addr, "--delay", str(args.latency), "--capacity", str(args.capacity))
     port = free_port()
-    hosts = "".join(f"  - id: {h}\n    domain: h{h}.example.com\n    dimensions: {{desktop: {{id: 1}}}}\n" for h in range(1, HOSTS + 1))
+    hosts = "".join(
+        f"  - id: {h}\n    domain: h{h}.example.com\n    dimensions: {{desktop: {{id: 1}}}}\n"
+        for h in range(1, HOSTS + 1)
+    )
     (base / "hosts.yaml").write_text("hosts:\n" + hosts)
     (base / "eg.yaml").write_text("internal: {auth_key: k}\nhosts: {include: hosts.yaml}\n")
     (base / "cd.yaml").write_text(
@@ -70,9 +73,15 @@ def main() -> None:
     now = int(time.time())
     per_host = args.entries // HOSTS
     for h in range(1, HOSTS + 1):
-        client.zadd(f"recache:{h}:normal", {encode_member(f"https://h{h}.example.com/p{i}", 1): now for i in range(per_host)})
+        client.zadd(
+            f"recache:{h}:normal", {encode_member(f"https://h{h}.example.com/p{i}", 1): now for i in range(per_host)}
+        )
     calls_before = redis_calls(client)
-    profile = ["--profile", os.environ["BENCH_PROFILE"], "--profiler", "cprofile", "--savestats"] if os.environ.get("BENCH_PROFILE") else []
+    profile = (
+        ["--profile", os.environ["BENCH_PROFILE"], "--profiler", "cprofile", "--savestats"]
+        if os.environ.get("BENCH_PROFILE")
+        else []
+    )
     daemon = Daemon(["--config", str(base / "cd.yaml")], base, twistd_args=profile)
     try:
         daemon.wait_for_port(port)
@@ -89,13 +98,22 @@ def main() -> None:
         ideal = args.entries * args.latency / line
         print(f"recache benchmark: {args.entries} entries over {HOSTS} hosts, renders of {args.latency * 1000:.0f} ms, "
               f"capacity {args.capacity}, reserved {args.reserved:.0%} (line {line} tabs)")
-        print(f"drain (first request to last answer) {drain:.1f} s; ideal N x latency / budget = {ideal:.1f} s; ratio {drain / ideal:.2f} (target <= 1.15)")
-        print(f"peak render load {stats['peak']} against the line of {line}; duplicates in flight {stats['duplicates_in_flight']}")
+        print(
+            f"drain (first request to last answer) {drain:.1f} s; ideal N x latency / budget = {ideal:.1f} s; "
+            f"ratio {drain / ideal:.2f} (target <= 1.15)"
+        )
+        print(
+            f"peak render load {stats['peak']} against the line of {line}; "
+            f"duplicates in flight {stats['duplicates_in_flight']}"
+        )
         if os.environ.get("BENCH_KEEP_LOG"):
             shutil.copy(eg.log, os.environ["BENCH_KEEP_LOG"])
             shutil.copy(daemon.log_path, os.environ["BENCH_KEEP_LOG"] + ".daemon")
-        print(f"scheduler CPU {cpu / args.entries * 1000:.2f} s per 1,000 URLs; Redis commands per URL {calls / args.entries:.1f} "
-              f"(the daemon's, counting the commands inside its scripts)")
+        print(
+            f"scheduler CPU {cpu / args.entries * 1000:.2f} s per 1,000 URLs; "
+            f"Redis commands per URL {calls / args.entries:.1f} "
+            f"(the daemon's, counting the commands inside its scripts)"
+        )
     finally:
         daemon.stop()
         eg.stop()

@@ -1,1 +1,1 @@
-"""The test and benchmark harness: real subprocesses and servers (twistd, redis-server, a fake Edge Gateway, FastCGI)."""
+"""Test and benchmark harness: real subprocesses and servers (twistd, redis-server, a fake Edge Gateway, FastCGI)."""

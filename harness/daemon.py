@@ -8,8 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 TOP = Path(__file__).resolve().parent.parent
 TWISTD = [str(Path(sys.executable).parent / "twistd")]
@@ -45,7 +46,7 @@ class Daemon:
         twistd_args: list[str] | None = None,
     ) -> None:
         self.log_path = cwd / f"twistd-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 -- the daemon's stdout until stop() closes it
         argv = TWISTD + ["-n", "--pidfile=", "--logfile=-", *(twistd_args or [])]
         argv += ["-y", str(TOP / "cachesvc.tac")] if tac else ["cachesvc", *args]
         full_env = {**os.environ, **(env or {})}

@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,9 @@ class FakeEG:
             return json.loads(r.read())
 
     def control(self, **mode: Any) -> None:
-        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{self.port}/control", data=json.dumps(mode).encode()), timeout=5).read()
+        urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{self.port}/control", data=json.dumps(mode).encode()), timeout=5
+        ).read()
 
     def events(self, kind: str = "start") -> list[dict[str, Any]]:
         return [e for e in map(json.loads, self.log.read_text().splitlines()) if e["event"] == kind]
@@ -74,7 +76,7 @@ class FakeEG:
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
 
 
 class Gateway(resource.Resource):
@@ -86,7 +88,7 @@ class Gateway(resource.Resource):
         super().__init__()
         self.args = args
         self.reactor = reactor
-        self.log = open(args.log, "a", buffering=1)
+        self.log = open(args.log, "a", buffering=1)  # noqa: SIM115 -- open for the gateway process's life
         self.redis = redis
         self.mode = {"status": args.status, "delay": args.delay, "fail_first": args.fail_first, "hang": args.hang}
         self.load = 0
@@ -117,9 +119,17 @@ class Gateway(resource.Resource):
 
     def render_GET(self, request: server.Request) -> bytes:
         if request.path == b"/stats":
-            return json.dumps({"requests": self.requests, "answered": self.answered, "load": self.load, "peak": self.peak,
-                               "duplicates_in_flight": self.duplicates, "first_request": self.first_request,
-                               "last_answer": self.last_answer}).encode()
+            return json.dumps(
+                {
+                    "requests": self.requests,
+                    "answered": self.answered,
+                    "load": self.load,
+                    "peak": self.peak,
+                    "duplicates_in_flight": self.duplicates,
+                    "first_request": self.first_request,
+                    "last_answer": self.last_answer,
+                }
+            ).encode()
         request.setResponseCode(404)
         return b'{"success":false,"message":"not found"}'
 
@@ -173,8 +183,20 @@ class Gateway(resource.Resource):
 
     def record(self, event: str, request: server.Request, body: bytes, decoded: object, status: int | None) -> None:
         headers = {k.decode(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
-        self.log.write(json.dumps({"t": time.time(), "event": event, "eg": self.args.eg_id, "body": body.decode("utf-8", "replace"),
-                                   "json": decoded, "headers": headers, "status": status}) + "\n")
+        self.log.write(
+            json.dumps(
+                {
+                    "t": time.time(),
+                    "event": event,
+                    "eg": self.args.eg_id,
+                    "body": body.decode("utf-8", "replace"),
+                    "json": decoded,
+                    "headers": headers,
+                    "status": status,
+                }
+            )
+            + "\n"
+        )
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ def write_entry(zone: Path, key: str, levels: tuple[int, ...] = (1, 2), body: by
     directory = zone.joinpath(*parts)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / digest
-    path.write_bytes(HEADER + b"\nKEY: " + key.encode() + b"\nHTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n" + body)
+    path.write_bytes(
+        HEADER + b"\nKEY: " + key.encode() + b"\nHTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n" + body
+    )
     os.chmod(path, 0o600)
     return path

@@ -9,8 +9,8 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -95,7 +95,8 @@ def stack() -> Iterator[Stack]:
     web_port, purge_port = free_port(), free_port()
     user = "user www-data;" if os.geteuid() == 0 and _has_user("www-data") else ""
     servers = "".join(
-        SERVER.format(port=web_port, host=f"{mode}.example", fcgi=fcgi.port, zone=f"zone_{mode}") for mode in ("on", "off")
+        SERVER.format(port=web_port, host=f"{mode}.example", fcgi=fcgi.port, zone=f"zone_{mode}")
+        for mode in ("on", "off")
     )
     (base / "nginx.conf").write_text(CONFIG.format(user=user, base=base, root=root, servers=servers))
     nginx = subprocess.Popen([NGINX, "-p", str(base), "-c", str(base / "nginx.conf")], stderr=subprocess.PIPE)

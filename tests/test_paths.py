@@ -14,7 +14,11 @@ POLICY = PathPolicy(["/cache", "/var/cache/nginx"])
     [
         (b"/cache/example.com", "/cache", ("example.com",)),
         (b"/cache/example.com/", "/cache", ("example.com",)),
-        (b"/cache/example.com/5/cd/ee80e68666834decf6fe00921710ccd5", "/cache", ("example.com", "5", "cd", "ee80e68666834decf6fe00921710ccd5")),
+        (
+            b"/cache/example.com/5/cd/ee80e68666834decf6fe00921710ccd5",
+            "/cache",
+            ("example.com", "5", "cd", "ee80e68666834decf6fe00921710ccd5"),
+        ),
         (b"/cache//example.com//x", "/cache", ("example.com", "x")),
         (b"/var/cache/nginx/site", "/var/cache/nginx", ("site",)),
         ("/cache/caf\u00e9.example".encode(), "/cache", ("caf\u00e9.example",)),

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -47,7 +47,9 @@ class Stack:
         text = conf.read_text().replace("daemon_id: test-daemon", f"daemon_id: {name}")
         text = text.replace("timeout_per_url: 60s", "timeout_per_url: 2s" + self.recache)
         if self.scheduler:
-            text = text.replace("scheduler: {tick_interval: 100ms, normal_check_interval: 6s}", f"scheduler: {self.scheduler}")
+            text = text.replace(
+                "scheduler: {tick_interval: 100ms, normal_check_interval: 6s}", f"scheduler: {self.scheduler}"
+            )
         conf.write_text(text)
         daemon = Daemon(["--config", str(conf)], directory)
         daemon.wait_for_port(port)
@@ -97,7 +99,13 @@ def test_48_entry_is_sent_to_the_gateway_exactly_as_edgecomet_sends_it(stack: St
 def test_49_only_due_entries_are_taken(stack: Stack, redis) -> None:
     eg = stack.eg()
     stack.daemon()
-    redis.zadd(HIGH, {member("https://example.com/later"): int(time.time()) + 3600, member("https://example.com/now"): int(time.time())})
+    redis.zadd(
+        HIGH,
+        {
+            member("https://example.com/later"): int(time.time()) + 3600,
+            member("https://example.com/now"): int(time.time()),
+        },
+    )
     wait_until(lambda: len(eg.events("end")) == 1, 5, "due entry sent")
     time.sleep(1)
     assert [e["json"]["url"] for e in eg.events()] == ["https://example.com/now"]
@@ -170,7 +178,9 @@ def test_53_gateway_errors_are_retried_with_backoff_then_dead_lettered(stack: St
     assert item["url"] == "https://example.com/x" and item["attempts"] == 3 and "HTTP 500" in item["reason"]
     eg.control(status=200)
     assert api("POST", "/internal/cache/deadletter/requeue", {"host_id": 1})[1]["data"]["entries_requeued"] == 1
-    wait_until(lambda: len(eg.events("end")) == 4 and eg.events("end")[-1]["status"] == 200, 5, "requeued entry delivered")
+    wait_until(
+        lambda: len(eg.events("end")) == 4 and eg.events("end")[-1]["status"] == 200, 5, "requeued entry delivered"
+    )
     assert redis.hlen("cachesvc:deadletter:1") == 0
 
 
@@ -203,7 +213,9 @@ def test_56_no_render_capacity_leaves_entries_in_redis(stack: Stack, redis) -> N
     wait_until(lambda: eg2.events("end"), 5, "sent once capacity exists")
 
 
-@pytest.mark.parametrize("flag", [["--no-register"], ["--sharding-disabled"]], ids=["unregistered", "sharding-disabled"])
+@pytest.mark.parametrize(
+    "flag", [["--no-register"], ["--sharding-disabled"]], ids=["unregistered", "sharding-disabled"]
+)
 def test_57_58_no_usable_gateway_leaves_entries_in_redis(stack: Stack, redis, flag: list[str]) -> None:
     eg = stack.eg(*flag)
     stack.daemon()
@@ -303,8 +315,9 @@ def test_sigkill_mid_drain_then_restart_loses_nothing(stack: Stack, redis) -> No
 
 
 def test_redis_killed_and_restarted_mid_drain(tmp_path: Path) -> None:
-    from harness.redis_server import RedisServer
     import redis as redis_py
+
+    from harness.redis_server import RedisServer
 
     server = RedisServer()
     server.start()
@@ -368,5 +381,7 @@ def test_graceful_stop_gives_unfinished_entries_back(stack: Stack, redis) -> Non
     stack.daemons[0].stop()
     assert "Server Shut Down." in stack.daemons[0].log  # twistd exits with the signal that stopped it
     assert inflight(redis) == 0
-    assert redis.zrange(HIGH, 0, -1, withscores=True) == [(member(f"https://example.com/g{i}"), score) for i in range(5)]
+    assert redis.zrange(HIGH, 0, -1, withscores=True) == [
+        (member(f"https://example.com/g{i}"), score) for i in range(5)
+    ]
     assert "released 5 unfinished entries" in stack.daemons[0].log

@@ -64,7 +64,9 @@ def test_member_bytes_from_invalid_utf8(case: dict) -> None:
     assert encode_member(bytes.fromhex(case["url_hex"]), case["dimension_id"]) == case["bytes"].encode()
 
 
-@pytest.mark.parametrize("case", VECTORS["member_version_dependent"], ids=ids(VECTORS["member_version_dependent"], "url"))
+@pytest.mark.parametrize(
+    "case", VECTORS["member_version_dependent"], ids=ids(VECTORS["member_version_dependent"], "url")
+)
 def test_member_bytes_newest_go_1_24(case: dict) -> None:
     assert encode_member(case["url"], case["dimension_id"]) == case["expected_latest_go1.24"].encode()
 
@@ -79,9 +81,16 @@ def test_request_decoding(case: dict) -> None:
     assert (decoded, error) == (case["decoded"], case["error"])
 
 
-MEMBER_EDGE_CASES = [b'{"url":"a\\ud800","dimension_id":1}', b'{"url":"x","dimension_id":01}', b'{"url":"x","dimension_id":-0}',
-                     b'{"URL":"x","dimension_id":1}', b'{"url":"\\u00e9","dimension_id":99999999999999999999}',
-                     b'{"url":"x"}', b'not-valid-json', b'{"url":"a\\u0026b","dimension_id":2} ']
+MEMBER_EDGE_CASES = [
+    b'{"url":"a\\ud800","dimension_id":1}',
+    b'{"url":"x","dimension_id":01}',
+    b'{"url":"x","dimension_id":-0}',
+    b'{"URL":"x","dimension_id":1}',
+    b'{"url":"\\u00e9","dimension_id":99999999999999999999}',
+    b'{"url":"x"}',
+    b"not-valid-json",
+    b'{"url":"a\\u0026b","dimension_id":2} ',
+]
 
 
 @pytest.mark.parametrize(
