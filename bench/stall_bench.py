@@ -31,6 +31,7 @@ import argparse
 import http.client
 import os
 import json
+import multiprocessing
 import shutil
 import socket
 import sys
@@ -40,6 +41,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -180,6 +182,25 @@ def listing_loop(port: int, entries: int, stop: threading.Event, samples: Sample
             stop.wait(0.2)
 
 
+def load_process(port: int, entries: int, seconds: float, results: Any) -> None:
+    """The load generator's process: recache POSTs and queue listings for *seconds*, then the samples."""
+    stop = threading.Event()
+    recaches, listings = Samples(), Samples()
+    threads = [
+        threading.Thread(target=recache_loop, args=(port, entries, stop, recaches), daemon=True),
+        threading.Thread(target=listing_loop, args=(port, entries, stop, listings), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    stop.wait(seconds)
+    stop.set()
+    for t in threads:
+        t.join(HTTP_TIMEOUT + 5)
+    for name, samples in (("recache", recaches), ("listing", listings)):
+        with samples.lock:
+            results.put((name, dict(samples.outcomes), list(samples.latencies)))
+
+
 def healthz_loop(port: int, stop: threading.Event, samples: Samples) -> None:
     while not stop.is_set():
         outcome, seconds = http_call(port, "GET", "/healthz", None, HEALTHZ_TIMEOUT)
@@ -262,20 +283,30 @@ def main() -> None:
 
         load = Samples()
         purger.current = load
-        recaches, listings, healthz = Samples(), Samples(), Samples()
-        threads = [
-            threading.Thread(target=recache_loop, args=(api_port, args.entries, stop, recaches), daemon=True),
-            threading.Thread(target=listing_loop, args=(api_port, args.entries, stop, listings), daemon=True),
-            threading.Thread(target=healthz_loop, args=(api_port, stop, healthz), daemon=True),
-        ]
+        healthz = Samples()
+        # The load runs in a process of its own: building and parsing 10,000-URL bodies must not hold
+        # the GIL of the process that measures the purge and /healthz latencies.
+        results: Any = multiprocessing.get_context("fork").SimpleQueue()
+        loader = multiprocessing.get_context("fork").Process(
+            target=load_process, args=(api_port, args.entries, args.seconds, results), daemon=True
+        )
+        threads = [threading.Thread(target=healthz_loop, args=(api_port, stop, healthz), daemon=True)]
         load_started = time.monotonic()
+        loader.start()
         for t in threads:
             t.start()
-        stop.wait(args.seconds)
+        loader.join(args.seconds + HTTP_TIMEOUT + 10)
+        if loader.is_alive():
+            loader.kill()
         stop.set()
         for t in threads:
             t.join(HTTP_TIMEOUT + 5)
         load_seconds = time.monotonic() - load_started
+        received = {}
+        while not results.empty():
+            name, counts, latencies = results.get()
+            received[name] = Samples(latencies, Counter(counts))
+        recaches, listings = received.get("recache", Samples()), received.get("listing", Samples())
         purger.stop_event.set()
         purger.join(PURGE_TIMEOUT + 2)
         if daemon.proc.poll() is not None:
