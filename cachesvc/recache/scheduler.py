@@ -177,6 +177,8 @@ class Scheduler(Service):
             return
         if not full:
             yield self._reread_render_services()
+        if self.state.paused or self._stopping:
+            return  # paused (or stopping) while discovery ran: claim nothing
         if not self.gateways.usable or not self.host_ids:
             return
         limit = self.settings.max_size - len(self._inflight)
