@@ -357,9 +357,6 @@ def test_answered_claims_free_their_place_in_the_internal_queue(h: Harness, sett
     assert h.state.size == 0
 
 
-@pytest.mark.xfail(strict=True, reason="latent cachesvc bug: Scheduler._start stores the Deferred in _inflight after "
-                   "adding _finished, so a claim whose processing completes synchronously is never removed "
-                   "and keeps lowering the claim limit (unreachable with the real Ledger, whose settle is deferred)")
 def test_claims_settled_synchronously_free_their_place_too(h: Harness, settings: RecacheSettings) -> None:
     h.ledger.synchronous = True
     h.ledger.batches = [[claim(f"https://a.example/{i}") for i in range(3)]]
@@ -507,9 +504,6 @@ def test_stop_with_nothing_in_flight_closes_at_once(h: Harness) -> None:
     assert stopped.called and h.dispatcher.closed == 1 and h.ledger.settled == []
 
 
-@pytest.mark.xfail(strict=True, reason="cachesvc bug: stopService neither waits for a cycle whose claim is still on "
-                   "its way nor checks _stopping after the claim, so entries claimed during the stop are sent after "
-                   "dispatcher.close() and never released (they wait for their lease to expire)")
 def test_a_claim_that_lands_during_the_stop_is_released_not_sent(h: Harness) -> None:
     held: Deferred[ClaimResult] = Deferred()
     h.ledger.batches = [held]

@@ -16,8 +16,9 @@ from typing import Any
 import treq
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import Interface, implementer
 
@@ -126,8 +127,14 @@ class Dispatcher:
             target = EncodedURL.from_text(f"{gateway.base_url}/internal/cache/recache")
             self._targets[gateway.base_url] = target
         d = self._exchange(target, body)
-        d.addTimeout(self._timeout, self._clock)
+        d.addTimeout(self._timeout, self._clock, onTimeoutCancel=self._timed_out)
         return d
+
+    def _timed_out(self, result: object, timeout: float) -> object:
+        """Whatever the cancelled request failed with (``ResponseNeverReceived`` before the headers), say timeout."""
+        if isinstance(result, Failure):
+            raise TimeoutError(f"no complete answer within {timeout:g}s (timeout_per_url)")
+        return result
 
     @inlineCallbacks
     def _exchange(self, url: EncodedURL, body: bytes) -> Generator[Deferred[Any], Any, int]:

@@ -9,7 +9,6 @@ High-priority queues are considered on every claim; normal and autorecache at le
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Generator
 from typing import Any
@@ -66,6 +65,7 @@ class Scheduler(Service):
         self._online_samples: deque[tuple[float, int]] = deque()
         self._busy = False
         self._queued: bool | None = None  # asked for while a cycle ran: None, False (refill), True (full)
+        self._cycle_ended: Deferred[None] | None = None  # fires when the running cycle ends
         self._refill_pending = False
         self._rotation = 0
         self._normal_due_at = 0.0  # first normal check on the first tick
@@ -94,6 +94,10 @@ class Scheduler(Service):
         Service.stopService(self)
         if self.loop.running:
             self.loop.stop()
+        if self._cycle_ended is not None:
+            # A claim may be on its way back from Redis: wait for it (every Redis call is bounded), so
+            # that what it claimed is released below, before the Redis pool closes.
+            yield self._cycle_ended
         pending = list(self._inflight.values())
         if pending:
             self.log.info("waiting up to {grace}s for {n} in-flight recache requests",
@@ -137,6 +141,7 @@ class Scheduler(Service):
             self._queued = full or bool(self._queued)
             return succeed(None)
         self._busy = True
+        self._cycle_ended = Deferred()
         d = self._claim_and_send(full)
         d.addCallbacks(self._redis_ok, self._redis_failed)
         d.addErrback(lambda f: self.log.failure("scheduler cycle failed", f))
@@ -145,6 +150,9 @@ class Scheduler(Service):
 
     def _cycle_done(self, _: Any) -> None:
         self._busy = False
+        ended, self._cycle_ended = self._cycle_ended, None
+        if ended is not None:
+            ended.callback(None)
         queued, self._queued = self._queued, None
         if queued:
             self.reactor.callLater(0, self._queued_tick)
@@ -197,7 +205,10 @@ class Scheduler(Service):
             if not self._normal_active:
                 self._normal_due_at = now + self.settings.normal_check_interval
         for claim in result.claims:
-            self._start(claim)
+            if self._stopping:  # the stop began while this claim was on its way: hand it back as it was
+                self._claims[claim.id] = claim
+            else:
+                self._start(claim)
 
     @inlineCallbacks
     def _discover(self) -> Generator[Deferred[Any], Any, None]:
@@ -239,10 +250,9 @@ class Scheduler(Service):
         self._claims[claim.id] = claim
         self.state.in_flight[claim.host_id] = self.state.in_flight.get(claim.host_id, 0) + 1
         self.metrics.in_flight.set(len(self._claims))
-        d = self._process(claim)
+        d = self._inflight[claim.id] = self._process(claim)  # before _finished, which may run at once
         d.addErrback(lambda f: self.log.failure("processing {id!r} failed", f, id=claim.id))
         d.addBoth(self._finished, claim)
-        self._inflight[claim.id] = d
 
     def _finished(self, _: Any, claim: Claim) -> None:
         self._inflight.pop(claim.id, None)
@@ -274,7 +284,7 @@ class Scheduler(Service):
         if gateway is None:  # every gateway went to rest since the claim: give it back untouched
             yield self._settle(claim, "release")
             return
-        started = time.monotonic()
+        started = self.reactor.seconds()
         try:
             status = yield self.dispatcher.send(gateway, member.url, claim.host_id, member.dimension_id)
         except Exception as e:
@@ -282,7 +292,7 @@ class Scheduler(Service):
             self.gateways.rest(gateway)
         else:
             error = f"HTTP {status}"
-        self.metrics.recache_duration.observe(time.monotonic() - started)
+        self.metrics.recache_duration.observe(self.reactor.seconds() - started)
         outcome = "success" if status == 200 else "client_error" if status and 400 <= status < 500 else "failure"
         self.metrics.eg_requests.labels(gateway.id, outcome).inc()
         self.metrics.recache_requests.labels(outcome, claim.priority).inc()
