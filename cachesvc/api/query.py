@@ -73,6 +73,11 @@ def non_negative(request: Request, name: str) -> int:
     return value
 
 
+def content(request: Request) -> bytes:
+    """The request body as received (empty when there is none)."""
+    return request.content.read() if request.content is not None else b""
+
+
 def body(data: bytes, spec: Struct) -> dict[str, Any]:
     """Decode a JSON body as the Go struct *spec* would; 400 with Go's message when it cannot."""
     try:

@@ -97,7 +97,7 @@ class Queues:
 
     @inlineCallbacks
     def requeue_deadletter(self, request: Request) -> Generator[Deferred[Any], Any, bytes]:
-        body = query.body(request.content.read(), INVALIDATE_ALL_REQUEST)
+        body = query.body(query.content(request), INVALIDATE_ALL_REQUEST)
         if body["host_id"] == 0:
             raise ApiError(400, "host_id is required")
         host = query.host(self.edge, body["host_id"])

@@ -106,7 +106,7 @@ class Writes:
 
     @inlineCallbacks
     def recache(self, request: Request) -> Generator[Deferred[Any], Any, bytes]:
-        data = request.content.read()
+        data = query.content(request)
         prepared = yield self.compute(lambda: prepare_recache(data, self.edge))
         self._log_invalid(prepared)
         host_id, priority = prepared.host_id, prepared.priority
@@ -129,7 +129,7 @@ class Writes:
 
     @inlineCallbacks
     def invalidate(self, request: Request) -> Generator[Deferred[Any], Any, bytes]:
-        data = request.content.read()
+        data = query.content(request)
         prepared = yield self.compute(lambda: prepare_invalidate(data, self.edge))
         self._log_invalid(prepared)
         host_id, dims = prepared.host_id, prepared.dimensions
@@ -151,7 +151,7 @@ class Writes:
 
     @inlineCallbacks
     def invalidate_all(self, request: Request) -> Generator[Deferred[Any], Any, bytes]:
-        body = query.body(request.content.read(), INVALIDATE_ALL_REQUEST)
+        body = query.body(query.content(request), INVALIDATE_ALL_REQUEST)
         host_id = body["host_id"]
         if host_id == 0:
             raise ApiError(400, "host_id is required")
@@ -164,4 +164,6 @@ class Writes:
         self.log.info(
             "Invalidate-all request processed host_id={host_id} entries={entries}", host_id=host_id, entries=deleted
         )
-        return envelope(True, data={"host_id": host_id, "dimension_ids_count": len(dims), "entries_invalidated": deleted})
+        return envelope(
+            True, data={"host_id": host_id, "dimension_ids_count": len(dims), "entries_invalidated": deleted}
+        )

@@ -76,6 +76,11 @@ class Scheduler(Service):
 
     # --- lifecycle -------------------------------------------------------------------------------
 
+    @property
+    def stopping(self) -> bool:
+        """True from the moment stopService is called."""
+        return self._stopping
+
     def startService(self) -> None:
         Service.startService(self)
         self.log.info("Starting Cache Daemon daemon_id={daemon_id} hosts={hosts} redis={redis}",
@@ -205,7 +210,7 @@ class Scheduler(Service):
             if not self._normal_active:
                 self._normal_due_at = now + self.settings.normal_check_interval
         for claim in result.claims:
-            if self._stopping:  # the stop began while this claim was on its way: hand it back as it was
+            if self.stopping:  # the stop began while this claim was on its way: hand it back as it was
                 self._claims[claim.id] = claim
             else:
                 self._start(claim)
