@@ -42,14 +42,6 @@ def envelope(success: bool, message: str = "", data: Any = None) -> bytes:
     return encode_object(pairs)
 
 
-def request_body(request: Request) -> bytes:
-    """The whole request body (twisted.web has read it before the resource renders)."""
-    content = request.content
-    assert content is not None  # set by Request.gotLength
-    data: bytes = content.read()
-    return data
-
-
 class Raw:
     """A body sent as is (``/status`` is not enveloped)."""
 
