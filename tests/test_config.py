@@ -42,7 +42,10 @@ def test_no_file_means_defaults() -> None:
 
 
 def test_full_purge_section(tmp_path: Path, cache_root: Path) -> None:
-    path = write(tmp_path, f"purge:\n  listen: tcp:9999\n  roots: [{cache_root}/]\n  idle_timeout: 1m30s\n  max_line_length: 512\n")
+    path = write(
+        tmp_path,
+        f"purge:\n  listen: tcp:9999\n  roots: [{cache_root}/]\n  idle_timeout: 1m30s\n  max_line_length: 512\n",
+    )
     c = config.resolve(path)
     trash = f"{cache_root}/.cachesvc-trash"  # the default: a hidden child of the first root
     assert c.purge == PurgeSettings("tcp:9999", (str(cache_root),), 90.0, 512, trash, ())
@@ -106,7 +109,10 @@ def test_missing_file(tmp_path: Path) -> None:
         ("  zones:\n    - hosts: [a.example]\n", ["purge.zones[0].path", "required field is missing"]),
         ("  zones:\n    - path: /x\n      hosts: [a]\n      levels: '1:3'\n", ["purge.zones[0]", "levels", "1:2"]),
         ("  zones:\n    - hosts: [a]\n      path: /elsewhere/{{host}}\n", ["purge.zones[0]", "not below a cache root"]),
-        ("  zones:\n    - hosts: [a]\n      path: {root}/{{host}}\n      colour: red\n", ["purge.zones[0].colour", "unknown configuration field"]),
+        (
+            "  zones:\n    - hosts: [a]\n      path: {root}/{{host}}\n      colour: red\n",
+            ["purge.zones[0].colour", "unknown configuration field"],
+        ),
     ],
 )
 def test_trash_and_zone_refusals(tmp_path: Path, cache_root: Path, section: str, expected: list[str]) -> None:
@@ -125,4 +131,6 @@ def test_trash_outside_the_roots_and_zones_are_accepted(tmp_path: Path, cache_ro
     )
     c = config.resolve(path)
     assert c.purge is not None and c.purge.trash_dir == f"{tmp_path}/trash"
-    assert c.purge.zones == (Zone(frozenset(["*"]), f"{cache_root}/{{host}}", (2,), "$scheme$request_method$host$request_uri", ("GET",)),)
+    assert c.purge.zones == (
+        Zone(frozenset(["*"]), f"{cache_root}/{{host}}", (2,), "$scheme$request_method$host$request_uri", ("GET",)),
+    )

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -34,7 +33,9 @@ def test_zone_root_is_emptied_and_kept_with_owner_and_mode(cache_root: Path) -> 
     assert delete_now(target(cache_root, "example.com")) == Deleted("deleted", 20)
     after = zone.stat()
     assert list(zone.iterdir()) == []
-    assert (after.st_mode, after.st_uid, after.st_gid, after.st_ino) == (before.st_mode, before.st_uid, before.st_gid, before.st_ino)
+    assert (after.st_mode, after.st_uid, after.st_gid, after.st_ino) == (
+        before.st_mode, before.st_uid, before.st_gid, before.st_ino
+    )
 
 
 def test_deeper_directory_is_removed(cache_root: Path) -> None:

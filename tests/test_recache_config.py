@@ -30,9 +30,15 @@ def test_minimal_file_gets_the_documented_defaults(tmp_path: Path) -> None:
     conf = tmp_path / "cd.yaml"
     conf.write_text("eg_config: edge-gateway.yaml\ndaemon_id: d\nredis: {addr: 'localhost:6379'}\n")
     s = config.resolve(str(conf)).recache
-    assert (s.tick_interval, s.normal_check_interval, s.max_size, s.max_retries, s.retry_base_delay) == (1.0, 60.0, 1000, 3, 5.0)
-    assert (s.rs_capacity_reserved, s.timeout_per_url, s.api_enabled, s.api_listen, s.request_timeout) == (0.30, 60.0, True, "tcp:10090", 30.0)
-    assert (s.metrics_path, s.metrics_namespace, s.high_queue_limit, s.normal_check_ticks) == ("/metrics", "edgecomet", 1000, 60)
+    assert (s.tick_interval, s.normal_check_interval, s.max_size, s.max_retries, s.retry_base_delay) == (
+        1.0, 60.0, 1000, 3, 5.0
+    )
+    assert (s.rs_capacity_reserved, s.timeout_per_url, s.api_enabled, s.api_listen, s.request_timeout) == (
+        0.30, 60.0, True, "tcp:10090", 30.0
+    )
+    assert (s.metrics_path, s.metrics_namespace, s.high_queue_limit, s.normal_check_ticks) == (
+        "/metrics", "edgecomet", 1000, 60
+    )
 
 
 def test_go_marshalled_file_with_zero_values(tmp_path: Path) -> None:
@@ -50,7 +56,8 @@ http_api: {{enabled: true, listen: ":1234", request_timeout: 30s, scheduler_cont
 logging:
   level: info
   console: {{enabled: true, format: json, level: ""}}
-  file: {{enabled: false, path: "", format: "", level: "", rotation: {{max_size: 0, max_age: 0, max_backups: 0, compress: false}}}}
+  file: {{enabled: false, path: "", format: "", level: "",
+          rotation: {{max_size: 0, max_age: 0, max_backups: 0, compress: false}}}}
 metrics: {{enabled: false, listen: "", path: "", namespace: ""}}
 """)
     s = config.resolve(str(conf)).recache
@@ -93,9 +100,14 @@ def test_hosts_from_a_directory_sorted_by_name_with_bypass_injected(tmp_path: Pa
     assert [h.id for h in edge.hosts] == [7, 2]
     a, b = edge.hosts
     assert a.domains == ("a.example", "www.a.example") and a.domain == "a.example"
-    assert [(d.name, d.id, d.action) for d in a.dimensions] == [("desktop", 1, "render"), ("bots", 5, "block"), ("bypass", 0, "bypass")]
+    assert [(d.name, d.id, d.action) for d in a.dimensions] == [
+        ("desktop", 1, "render"),
+        ("bots", 5, "block"),
+        ("bypass", 0, "bypass"),
+    ]
     assert a.recache_dimension_ids == [0, 1] and a.stale_ttl == 120
-    assert [d.name for d in b.dimensions] == ["mobile", "bypass"] and b.stale_ttl == 60  # global dimensions and stale_ttl
+    assert [d.name for d in b.dimensions] == ["mobile", "bypass"]  # the global dimensions
+    assert b.stale_ttl == 60  # and the global stale_ttl
     assert edge.auth_key == "k"
 
 
@@ -110,13 +122,28 @@ def test_hosts_from_a_file_and_a_glob(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "files, fragments",
     [
-        ({"a.yaml": HOST.format(id=1, domain="a"), "b.yaml": HOST.format(id=1, domain="b")}, ["b.yaml", "a.yaml", "unique"]),
+        (
+            {"a.yaml": HOST.format(id=1, domain="a"), "b.yaml": HOST.format(id=1, domain="b")},
+            ["b.yaml", "a.yaml", "unique"],
+        ),
         ({"a.yaml": "hosts:\n  - id: 0\n    domain: a\n"}, ["a.yaml", "hosts[0].id", "positive"]),
         ({"a.yaml": "hosts:\n  - id: 1\n"}, ["a.yaml", "hosts[0].domain", "required"]),
-        ({"a.yaml": "hosts:\n  - id: 1\n    domain: a\n    dimensions: {d: {id: 1}, e: {id: 1}}\n"}, ["dimensions.e.id 1", "already used"]),
-        ({"a.yaml": "hosts:\n  - id: 1\n    domain: a\n    dimensions: {d: {id: 0}}\n"}, ["dimensions.d.id 0", "reserved"]),
-        ({"a.yaml": "hosts:\n  - id: 1\n    domain: a\n    dimensions: {d: {id: 2, action: block}}\n"}, ["dimensions.d", "match_ua"]),
-        ({"a.yaml": "hosts:\n  - id: 1\n    domain: a\n    dimensions: {d: {id: 2, action: bypass}}\n"}, ["dimensions.d.action", "bypass"]),
+        (
+            {"a.yaml": "hosts:\n  - id: 1\n    domain: a\n    dimensions: {d: {id: 1}, e: {id: 1}}\n"},
+            ["dimensions.e.id 1", "already used"],
+        ),
+        (
+            {"a.yaml": "hosts:\n  - id: 1\n    domain: a\n    dimensions: {d: {id: 0}}\n"},
+            ["dimensions.d.id 0", "reserved"],
+        ),
+        (
+            {"a.yaml": "hosts:\n  - id: 1\n    domain: a\n    dimensions: {d: {id: 2, action: block}}\n"},
+            ["dimensions.d", "match_ua"],
+        ),
+        (
+            {"a.yaml": "hosts:\n  - id: 1\n    domain: a\n    dimensions: {d: {id: 2, action: bypass}}\n"},
+            ["dimensions.d.action", "bypass"],
+        ),
         ({}, ["matches no host files"]),
     ],
 )
