@@ -8,9 +8,10 @@ from __future__ import annotations
 import http.client
 import json
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import redis as redis_py
@@ -121,7 +122,12 @@ def test_01_02_unauthorized(api: Api, redis) -> None:
     status, body, response = api("GET", "/status", auth=None)
     assert (status, response.raw_body) == (401, b'{"success":false,"message":"unauthorized"}')
     assert response.getheader("Content-Type") == "application/json"
-    status, _, _ = api("POST", "/internal/cache/recache", {"host_id": 1, "urls": ["https://example.com/"], "priority": "high"}, auth="wrong")
+    status, _, _ = api(
+        "POST",
+        "/internal/cache/recache",
+        {"host_id": 1, "urls": ["https://example.com/"], "priority": "high"},
+        auth="wrong",
+    )
     assert status == 401 and redis.keys("*") == []
     assert api("GET", "/status", auth="")[0] == 401
     assert api("GET", "/status", auth=KEY + "x")[0] == 401
@@ -156,9 +162,21 @@ def recache(api: Api, **body: Any) -> tuple[int, Any]:
 
 def test_06_recache_high(api: Api, redis) -> None:
     before = now()
-    status, body, response = api("POST", "/internal/cache/recache", {"host_id": 1, "urls": ["https://example.com/page1", "https://example.com/page2"], "dimension_ids": [1, 2], "priority": "high"})
+    status, body, response = api(
+        "POST",
+        "/internal/cache/recache",
+        {
+            "host_id": 1,
+            "urls": ["https://example.com/page1", "https://example.com/page2"],
+            "dimension_ids": [1, 2],
+            "priority": "high",
+        },
+    )
     assert status == 200
-    assert response.raw_body == b'{"success":true,"data":{"host_id":1,"urls_count":2,"dimension_ids_count":2,"entries_enqueued":4,"priority":"high"}}'
+    assert response.raw_body == (
+        b'{"success":true,"data":{"host_id":1,"urls_count":2,"dimension_ids_count":2,'
+        b'"entries_enqueued":4,"priority":"high"}}'
+    )
     assert redis.zcard("recache:1:high") == 4
     for _, score in redis.zrange("recache:1:high", 0, -1, withscores=True):
         assert before - 1 <= score <= now() + 1
@@ -184,8 +202,14 @@ def test_09_default_dimensions_exclude_block(api: Api, redis, dims) -> None:
 
 
 def test_10_11_12_dimension_checks(api: Api, redis) -> None:
-    assert recache(api, urls=["https://example.com/x"], dimension_ids=[3]) == (400, {"success": False, "message": "dimension_id 3 not configured for host 'test.example.com'"})
-    assert recache(api, urls=["https://example.com/x"], dimension_ids=[999])[1]["message"] == "dimension_id 999 not configured for host 'test.example.com'"
+    assert recache(api, urls=["https://example.com/x"], dimension_ids=[3]) == (
+        400,
+        {"success": False, "message": "dimension_id 3 not configured for host 'test.example.com'"},
+    )
+    assert (
+        recache(api, urls=["https://example.com/x"], dimension_ids=[999])[1]["message"]
+        == "dimension_id 999 not configured for host 'test.example.com'"
+    )
     assert redis.keys("*") == []
     status, data = recache(api, urls=["https://example.com/x"], dimension_ids=[0])
     assert status == 200 and redis.zrange("recache:1:high", 0, -1) == [b'{"url":"https://example.com/x","dimension_id":0}']
@@ -229,7 +253,9 @@ def test_17_url_count_limit(api: Api, redis) -> None:
     assert redis.zcard("recache:1:normal") == 10000
 
 
-@pytest.mark.parametrize("raw", [b"{invalid json}", b"", b'{"host_id":"1","urls":["a.com"],"priority":"high"}', b"[]", b"\xef\xbb\xbf{}"])
+@pytest.mark.parametrize(
+    "raw", [b"{invalid json}", b"", b'{"host_id":"1","urls":["a.com"],"priority":"high"}', b"[]", b"\xef\xbb\xbf{}"]
+)
 def test_18_20_invalid_json(api: Api, redis, raw: bytes) -> None:
     status, data, _ = api("POST", "/internal/cache/recache", raw)
     assert status == 400 and data["success"] is False and data["message"].startswith("invalid json: ")
@@ -239,7 +265,10 @@ def test_invalid_json_carries_gos_error_text(api: Api) -> None:
     status, data, _ = api("POST", "/internal/cache/recache", b'{"host_id":1} x')
     assert data["message"] == "invalid json: invalid character 'x' after top-level value"
     status, data, _ = api("POST", "/internal/cache/recache", b'{"host_id":1.5}')
-    assert data["message"] == "invalid json: json: cannot unmarshal number 1.5 into Go struct field RecacheAPIRequest.host_id of type int"
+    assert (
+        data["message"]
+        == "invalid json: json: cannot unmarshal number 1.5 into Go struct field RecacheAPIRequest.host_id of type int"
+    )
 
 
 def test_21_invalid_urls_are_skipped_but_counted(api: Api, redis) -> None:
@@ -302,8 +331,15 @@ def test_27_28_30_31_invalidate(api: Api, redis) -> None:
     assert url_hash(normalize("https://example.com/test")) == "b64b434c9331e2b8"
     k1 = meta(redis, 1, 1, "https://example.com/test")
     k2 = meta(redis, 1, 2, "https://example.com/test")
-    status, body, response = api("POST", "/internal/cache/invalidate", {"host_id": 1, "urls": ["HTTPS://EXAMPLE.COM:443/test#x"], "dimension_ids": [1]})
-    assert response.raw_body == b'{"success":true,"data":{"host_id":1,"urls_count":1,"dimension_ids_count":1,"entries_invalidated":1}}'
+    status, body, response = api(
+        "POST",
+        "/internal/cache/invalidate",
+        {"host_id": 1, "urls": ["HTTPS://EXAMPLE.COM:443/test#x"], "dimension_ids": [1]},
+    )
+    assert (
+        response.raw_body
+        == b'{"success":true,"data":{"host_id":1,"urls_count":1,"dimension_ids_count":1,"entries_invalidated":1}}'
+    )
     assert k1 == "meta:cache:1:1:b64b434c9331e2b8" and not redis.exists(k1) and redis.exists(k2)
     status, body, _ = api("POST", "/internal/cache/invalidate", {"host_id": 1, "urls": ["https://example.com/none"]})
     assert status == 200 and body["data"]["entries_invalidated"] == 0
@@ -320,10 +356,18 @@ def test_29_32_all_dimensions_and_queues_untouched(api: Api, redis) -> None:
 
 
 def test_33_invalidate_validation(api: Api, redis) -> None:
-    post = lambda body: api("POST", "/internal/cache/invalidate", body)[:2]
-    assert post({"host_id": 1, "urls": ["https://e.com/x"], "dimension_ids": [999]}) == (400, {"success": False, "message": "dimension_id 999 not configured for host 'test.example.com'"})
+    def post(body: Any) -> tuple[Any, ...]:
+        return api("POST", "/internal/cache/invalidate", body)[:2]
+
+    assert post({"host_id": 1, "urls": ["https://e.com/x"], "dimension_ids": [999]}) == (
+        400,
+        {"success": False, "message": "dimension_id 999 not configured for host 'test.example.com'"},
+    )
     assert post({"host_id": 1, "urls": ["https://e.com/x"], "dimension_ids": [3]})[0] == 400
-    assert post({"host_id": 999, "urls": ["https://e.com/x"]}) == (400, {"success": False, "message": "host_id 999 not found"})
+    assert post({"host_id": 999, "urls": ["https://e.com/x"]}) == (
+        400,
+        {"success": False, "message": "host_id 999 not found"},
+    )
     assert post({"host_id": 1, "urls": []}) == (400, {"success": False, "message": "urls array cannot be empty"})
     assert post({"urls": ["a.com"]}) == (400, {"success": False, "message": "host_id is required"})
     many = [f"https://example.com/{i}" for i in range(10050)]
@@ -349,7 +393,10 @@ def test_34_to_39_invalidate_all(api: Api, redis) -> None:
     assert redis.exists("meta:cache:2:1:x") and redis.exists("meta:cache:10:1:y")
     assert redis.keys("meta:cache:1:*") == []
     assert api("POST", "/internal/cache/invalidate-all", {"host_id": 1, "dimension_ids": [3]})[0] == 400
-    assert api("POST", "/internal/cache/invalidate-all", {"host_id": 999})[:2] == (400, {"success": False, "message": "host_id 999 not found"})
+    assert api("POST", "/internal/cache/invalidate-all", {"host_id": 999})[:2] == (
+        400,
+        {"success": False, "message": "host_id 999 not found"},
+    )
     assert api("POST", "/internal/cache/invalidate-all", {"host_id": 1})[1]["data"]["entries_invalidated"] == 0
     pipe = redis.pipeline()
     for i in range(2500):
@@ -363,13 +410,25 @@ def test_34_to_39_invalidate_all(api: Api, redis) -> None:
 
 
 def rs(redis, name: str, capacity: int, load: int, age: float = 0.0) -> None:
-    seen = datetime.fromtimestamp(time.time() - age, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f") + "123Z"
-    redis.set(f"service:render:{name}", json.dumps({"id": name, "address": "127.0.0.1", "port": 8080, "capacity": capacity, "load": load, "last_seen": seen}), ex=60)
+    seen = datetime.fromtimestamp(time.time() - age, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "123Z"
+    redis.set(
+        f"service:render:{name}",
+        json.dumps(
+            {"id": name, "address": "127.0.0.1", "port": 8080, "capacity": capacity, "load": load, "last_seen": seen}
+        ),
+        ex=60,
+    )
 
 
 def test_40_44_45_status(api: Api, redis) -> None:
-    redis.zadd("recache:1:autorecache", {b'{"url":"https://a.com/1","dimension_id":1}': 123456, b'{"url":"https://a.com/2","dimension_id":1}': 123457,
-                                         b'{"url":"https://a.com/3","dimension_id":1}': now() + 3600})
+    redis.zadd(
+        "recache:1:autorecache",
+        {
+            b'{"url":"https://a.com/1","dimension_id":1}': 123456,
+            b'{"url":"https://a.com/2","dimension_id":1}': 123457,
+            b'{"url":"https://a.com/3","dimension_id":1}': now() + 3600,
+        },
+    )
     status, body, response = api("GET", "/status")
     assert status == 200 and list(body) == ["daemon", "internal_queue", "rs_capacity", "queues"]
     assert body["daemon"]["daemon_id"] == "test-daemon" and body["internal_queue"]["max_size"] == 1000
@@ -397,11 +456,21 @@ def test_41_42_capacity(api: Api, redis, services, expected) -> None:
     total, reserved, available = expected
     capacity = body["rs_capacity"]
     # EdgeComet's four fields, first and exact; then cachesvc's: the line, the budget it leaves, claims in flight.
-    assert list(capacity)[:4] == ["total_free_tabs", "reserved_for_online", "available_for_recache", "reservation_percent"]
-    assert {k: capacity[k] for k in list(capacity)[:4]} == {"total_free_tabs": total, "reserved_for_online": reserved, "available_for_recache": available, "reservation_percent": 30}
+    assert list(capacity)[:4] == [
+        "total_free_tabs",
+        "reserved_for_online",
+        "available_for_recache",
+        "reservation_percent",
+    ]
+    assert {k: capacity[k] for k in list(capacity)[:4]} == {
+        "total_free_tabs": total,
+        "reserved_for_online": reserved,
+        "available_for_recache": available,
+        "reservation_percent": 30,
+    }
     assert b'"reservation_percent":30,' in response.raw_body
     line = int(0.7 * sum(c for _, c, _ in services) + 1e-9)
-    load = sum(l for _, _, l in services)
+    load = sum(used for _, _, used in services)
     assert capacity["capacity_line"] == line and capacity["in_flight"] == 0
     assert capacity["recache_budget"] == max(0, line - load)
 
@@ -414,7 +483,10 @@ def test_43_stale_render_service_is_ignored(api: Api, redis) -> None:
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of the test's own, for tests that run a gateway: the module's daemon schedules from the suite's Redis."""
+    """A redis-server of the test's own, for tests that run a gateway.
+
+    The module's daemon schedules from the suite's Redis.
+    """
     server = RedisServer()
     server.start()
     try:
@@ -454,7 +526,9 @@ def test_46_pause_holds_due_entries_until_resume(tmp_path: Path, own_redis: Redi
         assert response.raw_body == b'{"success":true,"message":"Scheduler resumed"}'
         wait_until(lambda: len(eg.events("end")) == 3, 15, "the held entries sent after resume")
         assert sorted(e["json"]["url"] for e in eg.events()) == urls
-        wait_until(lambda: client.zcard("recache:1:high") == 0 and client.zcard("cachesvc:inflight") == 0, 10, "queue drained")
+        wait_until(
+            lambda: client.zcard("recache:1:high") == 0 and client.zcard("cachesvc:inflight") == 0, 10, "queue drained"
+        )
         assert api("GET", "/internal/cache/queue/summary?host_id=1")[1]["data"] == {"pending": 0, "processing": 0}
     finally:
         client.close()
@@ -471,8 +545,18 @@ def cached(redis, n: int, **overrides: Any) -> list[str]:
     for i in range(n):
         url = overrides.pop("url", None) or f"https://test.example.com/products/{i}"
         key = f"meta:cache:1:1:hash{i:04d}{overrides.get('tag', '')}"
-        fields = {"url": url, "dimension": "desktop", "created_at": t, "expires_at": t + 3600, "size": 1024, "status_code": 200,
-                  "source": "render", "key": key[5:], "disk_size": 512, "last_access": t}
+        fields = {
+            "url": url,
+            "dimension": "desktop",
+            "created_at": t,
+            "expires_at": t + 3600,
+            "size": 1024,
+            "status_code": 200,
+            "source": "render",
+            "key": key[5:],
+            "disk_size": 512,
+            "last_access": t,
+        }
         fields.update({k: v for k, v in overrides.items() if k != "tag"})
         redis.hset(key, mapping=fields)
         keys.append(key)
@@ -485,8 +569,22 @@ def test_62_cache_urls(api: Api, redis) -> None:
     data = body["data"]
     assert status == 200 and len(data["items"]) == 5 and data["cursor"] == "0" and data["has_more"] is False
     item = data["items"][0]
-    assert list(item) == ["url", "title", "dimension", "status", "cache_age", "size", "disk_size", "last_access", "cache_key",
-                          "created_at", "expires_at", "status_code", "source", "index_status"]
+    assert list(item) == [
+        "url",
+        "title",
+        "dimension",
+        "status",
+        "cache_age",
+        "size",
+        "disk_size",
+        "last_access",
+        "cache_key",
+        "created_at",
+        "expires_at",
+        "status_code",
+        "source",
+        "index_status",
+    ]
     assert item["status"] == "active" and "last_bot_hit" not in item
 
 
@@ -495,7 +593,9 @@ def test_63_to_69_filters(api: Api, redis) -> None:
     cached(redis, 2)
     cached(redis, 1, tag="s", expires_at=t - 10)
     cached(redis, 1, tag="e", expires_at=t - 3600, dimension="mobile", size=5000, last_bot_hit=t)
-    get = lambda q: api("GET", "/internal/cache/urls?host_id=1&" + q)[:2]
+    def get(q: str) -> tuple[Any, ...]:
+        return api("GET", "/internal/cache/urls?host_id=1&" + q)[:2]
+
     assert [i["status"] for i in get("status=active")[1]["data"]["items"]] == ["active", "active"]
     assert sorted(i["status"] for i in get("status=stale,+expired")[1]["data"]["items"]) == ["expired", "stale"]
     assert [i["dimension"] for i in get("dimension=mobile")[1]["data"]["items"]] == ["mobile"]
@@ -519,7 +619,10 @@ def test_63_to_69_filters(api: Api, redis) -> None:
     assert expired[0]["last_bot_hit"] == t and list(expired[0])[-1] == "last_bot_hit"
     assert api("GET", "/internal/cache/urls")[:2] == (400, {"success": False, "message": "host_id is required"})
     assert api("GET", "/internal/cache/urls?host_id=abc")[1]["message"] == "host_id must be a valid integer"
-    assert api("GET", "/internal/cache/urls?host_id=999")[:2] == (404, {"success": False, "message": "host_id 999 not found"})
+    assert api("GET", "/internal/cache/urls?host_id=999")[:2] == (
+        404,
+        {"success": False, "message": "host_id 999 not found"},
+    )
 
 
 @pytest.mark.parametrize("limit", [1, 3, 7, 25, 100])
@@ -547,16 +650,33 @@ def test_70_summary(api: Api, redis) -> None:
     cached(redis, 2, tag="s", size=2000, expires_at=t - 10, source="bypass", dimension="mobile")
     cached(redis, 1, tag="e", size=500, expires_at=t - 3600)
     status, body, response = api("GET", "/internal/cache/summary?host_id=1")
-    assert body["data"] == {"total_urls": 6, "active_count": 3, "stale_count": 2, "expired_count": 1, "total_size": 7500,
-                            "by_dimension": {"desktop": 4, "mobile": 2}, "by_source": {"bypass": 2, "render": 4}}
+    assert body["data"] == {
+        "total_urls": 6,
+        "active_count": 3,
+        "stale_count": 2,
+        "expired_count": 1,
+        "total_size": 7500,
+        "by_dimension": {"desktop": 4, "mobile": 2},
+        "by_source": {"bypass": 2, "render": 4},
+    }
     redis.flushall()
     assert api("GET", "/internal/cache/summary?host_id=1")[1]["data"] == {
-        "total_urls": 0, "active_count": 0, "stale_count": 0, "expired_count": 0, "total_size": 0, "by_dimension": {}, "by_source": {}}
+        "total_urls": 0,
+        "active_count": 0,
+        "stale_count": 0,
+        "expired_count": 0,
+        "total_size": 0,
+        "by_dimension": {},
+        "by_source": {},
+    }
 
 
 def test_71_72_73_queue_listing(api: Api, redis) -> None:
     redis.zadd("recache:1:high", {encode_member("https://a.com/h", 1): 100})
-    redis.zadd("recache:1:normal", {encode_member("https://a.com/n", 2): 200, encode_member("https://a.com/u", 99): 300, b"not-json": 1})
+    redis.zadd(
+        "recache:1:normal",
+        {encode_member("https://a.com/n", 2): 200, encode_member("https://a.com/u", 99): 300, b"not-json": 1},
+    )
     items = api("GET", "/internal/cache/queue?host_id=1")[1]["data"]["items"]
     assert items[0] == {"url": "https://a.com/h", "dimension": "desktop", "priority": "high", "scheduled_at": 100}
     assert items[1]["priority"] == "normal" and items[1]["dimension"] == "mobile" and items[2]["dimension"] == "unknown"
@@ -564,13 +684,17 @@ def test_71_72_73_queue_listing(api: Api, redis) -> None:
     redis.flushall()
     redis.zadd("recache:1:high", {encode_member(f"https://a.com/{i}", 1): i for i in range(8)})
     redis.zadd("recache:1:normal", {encode_member("https://a.com/n", 1): 1})
-    page = lambda q: api("GET", "/internal/cache/queue?host_id=1&priority=high&limit=3" + q)[1]["data"]
+    def page(q: str) -> Any:
+        return api("GET", "/internal/cache/queue?host_id=1&priority=high&limit=3" + q)[1]["data"]
+
     first, second, third = page(""), page("&cursor=3"), page("&cursor=6")
     assert (first["cursor"], first["has_more"], len(first["items"])) == ("3", True, 3)
     assert (second["cursor"], len(second["items"])) == ("6", 3)
     assert (third["cursor"], third["has_more"], len(third["items"])) == ("0", False, 2)
     assert {i["priority"] for i in first["items"] + second["items"] + third["items"]} == {"high"}
-    assert api("GET", "/internal/cache/queue?host_id=1&priority=urgent")[1]["message"] == "invalid priority filter: urgent"
+    assert (
+        api("GET", "/internal/cache/queue?host_id=1&priority=urgent")[1]["message"] == "invalid priority filter: urgent"
+    )
     redis.zadd("recache:1:autorecache", {encode_member("https://a.com/ar", 1): 5})
     assert api("GET", "/internal/cache/queue/summary?host_id=1")[1]["data"] == {"pending": 10, "processing": 0}
 
@@ -656,7 +780,9 @@ def test_redis_down_gives_503_quickly_then_recovers(tmp_path: Path) -> None:
 # --- configuration ------------------------------------------------------------------------------
 
 
-def start_with(tmp_path: Path, redis_server, extra: str = "", extra_api: str = "", replace: tuple[str, str] | None = None) -> tuple[Daemon, int]:
+def start_with(
+    tmp_path: Path, redis_server, extra: str = "", extra_api: str = "", replace: tuple[str, str] | None = None
+) -> tuple[Daemon, int]:
     port = free_port()
     conf = write_configs(tmp_path, redis_server.addr, port, extra_api=extra_api, extra=extra)
     text = conf.read_text().replace("PORT", str(port))
@@ -670,10 +796,18 @@ def start_with(tmp_path: Path, redis_server, extra: str = "", extra_api: str = "
     "replace, extra, message",
     [
         (("tick_interval: 100ms", "tick_interval: 50ms"), "", "scheduler.tick_interval must be >= 100ms"),
-        (("tick_interval: 100ms, normal_check_interval: 6s", "tick_interval: 1s, normal_check_interval: 1500ms"), "", "must be a multiple of tick_interval"),
+        (
+            ("tick_interval: 100ms, normal_check_interval: 6s", "tick_interval: 1s, normal_check_interval: 1500ms"),
+            "",
+            "must be a multiple of tick_interval",
+        ),
         (None, "foo: 1\n", "unknown configuration field"),
-        (None, "metrics: {enabled: true, listen: \"127.0.0.1:PORT\"}\n", "must differ"),
-        (("rs_capacity_reserved: 0.30", "rs_capacity_reserved: 1.5"), "", "rs_capacity_reserved must be between 0.0 and 1.0"),
+        (None, 'metrics: {enabled: true, listen: "127.0.0.1:PORT"}\n', "must differ"),
+        (
+            ("rs_capacity_reserved: 0.30", "rs_capacity_reserved: 1.5"),
+            "",
+            "rs_capacity_reserved must be between 0.0 and 1.0",
+        ),
         (("max_retries: 3", "max_retries: 0"), "", "max_retries must be >= 1"),
         (("max_size: 1000", "max_size: 0"), "", "max_size must be > 0"),
         (("timeout_per_url: 60s", "timeout_per_url: 0s"), "", "timeout_per_url must be > 0"),
@@ -710,11 +844,16 @@ def test_79_api_disabled(tmp_path: Path, redis_server) -> None:
 
 
 def test_47_scheduler_control_disabled(tmp_path: Path, redis_server) -> None:
-    daemon, port = start_with(tmp_path, redis_server, replace=("scheduler_control_api: true", "scheduler_control_api: false"))
+    daemon, port = start_with(
+        tmp_path, redis_server, replace=("scheduler_control_api: true", "scheduler_control_api: false")
+    )
     try:
         daemon.wait_for_port(port)
         for path in ("/internal/scheduler/pause", "/internal/scheduler/resume"):
-            assert Api(port)("POST", path)[:2] == (403, {"success": False, "message": "Scheduler control API not enabled"})
+            assert Api(port)("POST", path)[:2] == (
+                403,
+                {"success": False, "message": "Scheduler control API not enabled"},
+            )
     finally:
         daemon.stop()
 
@@ -730,7 +869,10 @@ def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
 
 
 class Scrape:
-    """One scrape of ``/metrics``, by sample: ``Scrape(port, "shop")("api_requests_total", code="200")`` is that value, or None."""
+    """One scrape of ``/metrics``, by sample.
+
+    ``Scrape(port, "shop")("api_requests_total", code="200")`` is that value, or None.
+    """
 
     def __init__(self, port: int, namespace: str) -> None:
         status, text = scrape(port)
@@ -745,7 +887,9 @@ class Scrape:
 
 def test_metrics_record_what_the_traffic_did(tmp_path: Path, own_redis: RedisServer) -> None:
     mport = free_port()
-    daemon, port = start_with(tmp_path, own_redis, extra=f"metrics: {{enabled: true, listen: '127.0.0.1:{mport}', namespace: shop}}\n")
+    daemon, port = start_with(
+        tmp_path, own_redis, extra=f"metrics: {{enabled: true, listen: '127.0.0.1:{mport}', namespace: shop}}\n"
+    )
     eg = FakeEG(tmp_path, own_redis.addr)
     client = redis_py.Redis(port=own_redis.port)
     try:
@@ -761,7 +905,11 @@ def test_metrics_record_what_the_traffic_did(tmp_path: Path, own_redis: RedisSer
         assert recache(api, urls=urls, dimension_ids=[1])[0] == 200
         client.zadd("recache:1:high", {b"not-valid-json": now()})  # quarantined: one dead letter
         client.zadd("recache:1:normal", {encode_member("https://example.com/later", 1): now() + 3600})  # waits an hour
-        wait_until(lambda: len(eg.events("end")) == 4 and client.hlen("cachesvc:deadletter:1") == 1, 15, "entries sent and quarantined")
+        wait_until(
+            lambda: len(eg.events("end")) == 4 and client.hlen("cachesvc:deadletter:1") == 1,
+            15,
+            "entries sent and quarantined",
+        )
         # The queue gauges are set each tick: wait for one after the drain.
         wait_until(lambda: (got := Scrape(mport, "shop"))("queue_depth", queue_type="high") == 0
                    and got("queue_depth", queue_type="normal") == 1, 10, "queue depth after the drain")

@@ -9,9 +9,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -129,7 +129,12 @@ def test_planted_symlinks_never_lead_outside(served, tmp_path: Path) -> None:
     (zone / "7").mkdir()
     (zone / "7" / "inner").symlink_to(outside / "sub")
     # A symlink between the root and the target: refused.
-    for rel in ["links.example/dirlink/sub", "links.example/dirlink/top", "zonelink.example/sub/data", "links.example/7/inner/data"]:
+    for rel in [
+        "links.example/dirlink/sub",
+        "links.example/dirlink/top",
+        "zonelink.example/sub/data",
+        "links.example/7/inner/data",
+    ]:
         assert purge(port, f"{root}/{rel}\n".encode()) == ERR, rel
     # A symlink as the target: removed as a link.
     assert purge(port, f"{zone}/filelink\n".encode()) == OK
@@ -221,7 +226,9 @@ def test_real_php_client(served, tmp_path: Path) -> None:
     script = tmp_path / "purge.php"
     script.write_text(PHP_CLIENT)
     zone = site(root, "php.example", files=5)
-    run = lambda path: subprocess.run([php, str(script), str(port), path], capture_output=True, text=True, timeout=60)
+    def run(path: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([php, str(script), str(port), path], capture_output=True, text=True, timeout=60)
+
     ok = run(str(zone))
     assert ok.stdout == "purged", ok
     assert list(zone.rglob("f*")) == []
@@ -232,7 +239,12 @@ def test_real_php_client(served, tmp_path: Path) -> None:
 def test_tac_builds_the_service_from_cachesvc_config(tmp_path: Path, cache_root: Path, redis_server, redis) -> None:
     """``twistd -ny cachesvc.tac`` reads $CACHESVC_CONFIG: a non-default purge port and root, and the recache half."""
     port, api_port = free_port(), free_port()
-    conf = write_configs(tmp_path, redis_server.addr, api_port, extra=f"purge:\n  listen: tcp:{port}:interface=127.0.0.1\n  roots: [{cache_root}]\n")
+    conf = write_configs(
+        tmp_path,
+        redis_server.addr,
+        api_port,
+        extra=f"purge:\n  listen: tcp:{port}:interface=127.0.0.1\n  roots: [{cache_root}]\n",
+    )
     conf.write_text(conf.read_text().replace("daemon_id: test-daemon", "daemon_id: tac-daemon"))
     zone = site(cache_root, "tac.example")
     outside = site(tmp_path / "elsewhere", "other.example")  # a real directory, but not under the configured root
@@ -260,8 +272,15 @@ def test_tac_builds_the_service_from_cachesvc_config(tmp_path: Path, cache_root:
     ],
     ids=["purge", "recache"],
 )
-def test_tac_refuses_a_bad_cachesvc_config(tmp_path: Path, cache_root: Path, redis_server, replace: tuple[str, str], message: str) -> None:
-    conf = write_configs(tmp_path, redis_server.addr, free_port(), extra=f"purge:\n  listen: tcp:{free_port()}:interface=127.0.0.1\n  roots: [{cache_root}]\n")
+def test_tac_refuses_a_bad_cachesvc_config(
+    tmp_path: Path, cache_root: Path, redis_server, replace: tuple[str, str], message: str
+) -> None:
+    conf = write_configs(
+        tmp_path,
+        redis_server.addr,
+        free_port(),
+        extra=f"purge:\n  listen: tcp:{free_port()}:interface=127.0.0.1\n  roots: [{cache_root}]\n",
+    )
     conf.write_text(conf.read_text().replace(*replace))
     daemon = Daemon([], tmp_path, env={"CACHESVC_CONFIG": str(conf)}, tac=True)
     code = daemon.exit_code()
@@ -349,7 +368,10 @@ def wait_until(check, timeout: float = 30.0) -> None:
 def test_url_purge_removes_every_method_and_the_twin(served) -> None:
     root, port, _ = served
     zone = root / "url.example"
-    hit = [write_entry(zone, k) for k in ("httpsGETurl.example/post", "httpsHEADurl.example/post", "httpsGETurl.example/post/")]
+    hit = [
+        write_entry(zone, k)
+        for k in ("httpsGETurl.example/post", "httpsHEADurl.example/post", "httpsGETurl.example/post/")
+    ]
     keep = write_entry(zone, "httpsGETurl.example/post/other")
     assert purge(port, b"https://URL.example/post\n") == OK
     assert not any(p.exists() for p in hit) and keep.exists()
@@ -414,7 +436,9 @@ def test_trash_on_another_filesystem_deletes_in_place(tmp_path: Path, cache_root
     trash = Path(tempfile.mkdtemp(dir=shm)) / "trash"
     conf = tmp_path / "c.yaml"
     port = free_port()
-    conf.write_text(f"purge:\n  listen: tcp:{port}:interface=127.0.0.1\n  roots: [{cache_root}]\n  trash_dir: {trash}\n")
+    conf.write_text(
+        f"purge:\n  listen: tcp:{port}:interface=127.0.0.1\n  roots: [{cache_root}]\n  trash_dir: {trash}\n"
+    )
     zone = site(cache_root, "inplace.example", files=7)
     daemon = Daemon(["--config", str(conf)], tmp_path)
     try:
