@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import json
 import multiprocessing
+import os
 import shutil
 import socket
 import sys
@@ -129,7 +129,7 @@ class PurgeClient(threading.Thread):
                         reply += chunk
                 elapsed = time.perf_counter() - started
                 samples.add("ok" if reply == b"Purge: Success\n" else f"reply {reply[:40]!r}", elapsed)
-            except socket.timeout:
+            except TimeoutError:
                 samples.add("timeout", PURGE_TIMEOUT)
             except OSError as e:
                 samples.add(f"error {type(e).__name__}", None)
@@ -149,7 +149,7 @@ def http_call(port: int, method: str, path: str, body: bytes | None, timeout: fl
         response = conn.getresponse()
         response.read()
         return str(response.status), time.perf_counter() - started
-    except socket.timeout:
+    except TimeoutError:
         return "timeout", None
     except (OSError, http.client.HTTPException) as e:
         return f"error {type(e).__name__}", None
@@ -328,10 +328,15 @@ def main() -> None:
         print(f"| purge outcomes | {outcomes(baseline.outcomes)} | {outcomes(load.outcomes)} | all ok |")
         print(f"| /healthz p50 / max ms | | {pct(healthz.latencies, 50):.1f} / {pct(healthz.latencies, 100):.1f} | |")
         print(f"| /healthz outcomes | | {outcomes(healthz.outcomes)} | |")
-        print(f"| recache POSTs of {BATCH:,} URLs | | {sum(recaches.outcomes.values())} ({outcomes(recaches.outcomes)}), "
-              f"mean {mean_ms(recaches):.0f} ms, max {pct(recaches.latencies, 100):.0f} ms | all 200 |")
-        print(f"| queue listings of {args.entries:,} entries | | {sum(listings.outcomes.values())} ({outcomes(listings.outcomes)}), "
-              f"mean {mean_ms(listings):.0f} ms, max {pct(listings.latencies, 100):.0f} ms | all 200 |")
+        print(
+            f"| recache POSTs of {BATCH:,} URLs | | {sum(recaches.outcomes.values())} ({outcomes(recaches.outcomes)}), "
+            f"mean {mean_ms(recaches):.0f} ms, max {pct(recaches.latencies, 100):.0f} ms | all 200 |"
+        )
+        print(
+            f"| queue listings of {args.entries:,} entries | | "
+            f"{sum(listings.outcomes.values())} ({outcomes(listings.outcomes)}), "
+            f"mean {mean_ms(listings):.0f} ms, max {pct(listings.latencies, 100):.0f} ms | all 200 |"
+        )
         print()
 
         reasons = []
