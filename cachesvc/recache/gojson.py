@@ -10,7 +10,9 @@ twice. Validation follows Go's scanner so that syntax errors win over type error
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
 from cachesvc.recache.urlnorm import go_decode_utf8
@@ -23,6 +25,7 @@ class GoJSONError(ValueError):
 # --- validation: Go's scanner and its messages ------------------------------------------------
 
 _SPACE = b" \t\r\n"
+MAX_DEPTH = 10000  # Go's maxNestingDepth: objects and arrays nested deeper are a syntax error
 
 
 def _quote_char(c: int) -> str:
@@ -57,71 +60,74 @@ class _Scanner:
         while self.i < len(self.d) and self.d[self.i] in _SPACE:
             self.i += 1
 
-    def check(self) -> None:
+    def check(self) -> int:
+        """Scan the whole document; return its nesting depth (arrays and objects)."""
         self.skip_space()
-        self.value()
+        depth = self.value()
         self.skip_space()
         if self.i < len(self.d):
             raise self.fail("after top-level value")
+        return depth
 
-    def value(self) -> None:
-        c = self.peek()
-        if c == 0x7B:
-            self.obj()
-        elif c == 0x5B:
-            self.arr()
-        elif c == 0x22:
-            self.string()
-        elif c == 0x2D or 0x30 <= c <= 0x39:
-            self.number()
-        elif c in (0x74, 0x66, 0x6E):
-            self.literal({0x74: b"true", 0x66: b"false", 0x6E: b"null"}[c])
-        else:
-            raise self.fail("looking for beginning of value")
+    def value(self) -> int:
+        """Scan one value, containers with a stack of their own (not recursion), as Go's scanner does.
 
-    def obj(self) -> None:
+        Go refuses the object or array that opens a level beyond ``MAX_DEPTH`` with "exceeded max
+        depth" at that byte; until then the first byte that is wrong gives the error.
+        """
+        stack = bytearray()  # the open containers: "{" or "["
+        deepest = 0
+        while True:
+            # A value starts here.
+            c = self.peek()
+            if c == 0x7B or c == 0x5B:
+                if len(stack) >= MAX_DEPTH:
+                    raise self.fail("exceeded max depth")
+                stack.append(c)
+                deepest = max(deepest, len(stack))
+                self.i += 1
+                self.skip_space()
+                if self.peek() != c + 2:  # not "}" or "]": the first member or element follows
+                    if c == 0x7B:
+                        self.key()
+                    continue
+                self.i += 1
+                stack.pop()
+            elif c == 0x22:
+                self.string()
+            elif c == 0x2D or 0x30 <= c <= 0x39:
+                self.number()
+            elif c in (0x74, 0x66, 0x6E):
+                self.literal({0x74: b"true", 0x66: b"false", 0x6E: b"null"}[c])
+            else:
+                raise self.fail("looking for beginning of value")
+            # A value ended: close the containers it completes, up to one that goes on.
+            while stack:
+                self.skip_space()
+                c = self.peek()
+                if c == 0x2C:
+                    self.i += 1
+                    self.skip_space()
+                    if stack[-1] == 0x7B:
+                        self.key()
+                    break
+                if c != stack[-1] + 2:
+                    raise self.fail("after object key:value pair" if stack[-1] == 0x7B else "after array element")
+                self.i += 1
+                stack.pop()
+            else:
+                return deepest
+
+    def key(self) -> None:
+        """An object's key and its colon, then the spaces before the value."""
+        if self.peek() != 0x22:
+            raise self.fail("looking for beginning of object key string")
+        self.string()
+        self.skip_space()
+        if self.peek() != 0x3A:
+            raise self.fail("after object key")
         self.i += 1
         self.skip_space()
-        if self.peek() == 0x7D:
-            self.i += 1
-            return
-        while True:
-            if self.peek() != 0x22:
-                raise self.fail("looking for beginning of object key string")
-            self.string()
-            self.skip_space()
-            if self.peek() != 0x3A:
-                raise self.fail("after object key")
-            self.i += 1
-            self.skip_space()
-            self.value()
-            self.skip_space()
-            c = self.peek()
-            if c == 0x7D:
-                self.i += 1
-                return
-            if c != 0x2C:
-                raise self.fail("after object key:value pair")
-            self.i += 1
-            self.skip_space()
-
-    def arr(self) -> None:
-        self.i += 1
-        self.skip_space()
-        if self.peek() == 0x5D:
-            self.i += 1
-            return
-        while True:
-            self.value()
-            self.skip_space()
-            c = self.peek()
-            if c == 0x5D:
-                self.i += 1
-                return
-            if c != 0x2C:
-                raise self.fail("after array element")
-            self.i += 1
-            self.skip_space()
 
     def string(self) -> None:
         self.i += 1
@@ -232,17 +238,75 @@ def _fold(name: str) -> str:
     return name.replace("\u212a", "k").replace("\u017f", "s").lower()
 
 
+SHALLOW = 100  # json.loads recurses (and Python's stack is about 1,000 frames): deeper documents use _build
+
+_WS = re.compile(r"[ \t\r\n]*")
+_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+
+
+def _build(text: str) -> Any:
+    """What ``json.loads`` (with this module's hooks) makes of *text*, a document the scanner accepted,
+    with a stack instead of recursion: Go accepts 10,000 levels of nesting."""
+    containers: list[list[Any]] = []  # open arrays and _Objects
+    keys: list[str] = []  # the key each open _Object's next value belongs to
+    i = _WS.match(text).end()  # type: ignore[union-attr]
+    while True:
+        c = text[i]
+        value: Any
+        if c in "{[":
+            container: list[Any] = _Object() if c == "{" else []
+            i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+            if text[i] not in "}]":
+                containers.append(container)
+                if c == "{":
+                    i = _key(text, i, keys)
+                continue
+            value, i = container, i + 1
+        elif c == '"':
+            value, i = scanstring(text, i + 1)
+        elif c in "tfn":
+            value = {"t": True, "f": False, "n": None}[c]
+            i += 4 if c != "f" else 5
+        else:
+            number = _NUMBER.match(text, i)
+            assert number is not None  # the scanner accepted it
+            value, i = _Number(number.group()), number.end()
+        while containers:
+            top = containers[-1]
+            top.append((keys.pop(), value) if isinstance(top, _Object) else value)
+            i = _WS.match(text, i).end()  # type: ignore[union-attr]
+            if text[i] == ",":
+                i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+                if isinstance(top, _Object):
+                    i = _key(text, i, keys)
+                break
+            value, i = containers.pop(), i + 1
+        else:
+            return value
+
+
+def _key(text: str, i: int, keys: list[str]) -> int:
+    """Read the key at *i* and its colon into *keys*; the index of the value that follows."""
+    key, i = scanstring(text, i + 1)
+    keys.append(key)
+    i = _WS.match(text, i).end()  # type: ignore[union-attr]
+    return _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+
+
 def decode(data: bytes, spec: Struct) -> dict[str, Any]:
     """Decode *data* as Go decodes it into *spec*; a Go ``nil`` slice is ``None``."""
-    validate(data)
+    depth = _Scanner(data).check()
     text = go_decode_utf8(data)
-    value = json.loads(
-        text,
-        object_pairs_hook=_Object,
-        parse_int=_Number,
-        parse_float=_Number,
-        parse_constant=lambda c: (_ for _ in ()).throw(GoJSONError(f"invalid character {c[0]!r}")),
-    )
+    if depth > SHALLOW:
+        value = _build(text)
+    else:
+        value = json.loads(
+            text,
+            object_pairs_hook=_Object,
+            parse_int=_Number,
+            parse_float=_Number,
+            parse_constant=lambda c: (_ for _ in ()).throw(GoJSONError(f"invalid character {c[0]!r}")),
+        )
     result = spec.zero()
     if value is None:
         return result
