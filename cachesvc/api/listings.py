@@ -91,12 +91,17 @@ class Listings:
 
 
 def _split_cursor(cursor: str) -> tuple[bytes, int]:
-    """``"<scan cursor>"`` or ``"<scan cursor>-<entries of that batch already returned>"``."""
-    scan, _, skip = cursor.partition("-")
-    try:
-        return scan.encode() or b"0", max(0, int(skip)) if skip else 0
-    except ValueError:
-        return scan.encode() or b"0", 0
+    """``"<scan cursor>"`` or ``"<scan cursor>-<entries of that batch already returned>"``.
+
+    The SCAN cursor is Redis's, an unsigned 64-bit decimal; anything else is 400 ``invalid cursor:
+    …`` (Go passes the text to SCAN, and Redis's ``ERR invalid cursor`` became a 500).
+    """
+    scan, dash, skip = cursor.partition("-")
+    scan_cursor = query.parse_uint(scan)
+    done = query.parse_uint(skip) if dash else 0
+    if scan_cursor is None or done is None or done >= 2**63:
+        raise ApiError(400, f"invalid cursor: {cursor}")
+    return str(scan_cursor).encode(), done
 
 
 def _text(value: bytes | None) -> str:
@@ -104,10 +109,8 @@ def _text(value: bytes | None) -> str:
 
 
 def _int(value: bytes | None) -> int:
-    try:
-        return int(value) if value else 0
-    except ValueError:
-        return 0
+    """A numeric metadata field as Go reads it (``strconv`` refuses it: 0)."""
+    return (query.atoi(value.decode("latin-1")) or 0) if value else 0
 
 
 def _item(fields: dict[bytes, bytes], now: int, stale_ttl: float) -> dict[str, Any]:
@@ -171,11 +174,12 @@ class _CacheFilters:
             raise ApiError(400, "cache_age_max must be >= cache_age_min")
         codes = query.csv(request, "status_code")
         if codes is not None:
-            try:
-                f.status_code = {int(c) for c in codes}
-            except ValueError:
-                bad = next(c for c in codes if not c.lstrip("-").isdigit())
-                raise ApiError(400, f"invalid status_code filter: {bad} (must be numeric)") from None
+            f.status_code = set()
+            for c in codes:
+                code = query.atoi(c)
+                if code is None:
+                    raise ApiError(400, f"invalid status_code filter: {c} (must be numeric)")
+                f.status_code.add(code)
         source = query.arg(request, "source")
         if source:
             if source not in ("render", "bypass"):

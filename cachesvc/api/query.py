@@ -16,6 +16,30 @@ from cachesvc.recache.gojson import GoJSONError, Struct, decode
 DEFAULT_LIMIT = 25
 MAX_LIMIT = 100
 
+def parse_uint(text: str) -> int | None:
+    """Go's ``strconv.ParseUint(text, 10, 64)``: the value, or ``None`` where Go returns an error.
+
+    ASCII digits only: no sign, no spaces, no ``_``, no Arabic-Indic or other Unicode digits (all
+    of which Python's ``int()`` accepts); below ``2**64``; leading zeros are fine.
+    """
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > 20:  # beyond 64 bits whatever the digits (and before int() meets a huge string)
+        return None
+    value = int(digits)
+    return value if value < 2**64 else None
+
+
+def atoi(text: str) -> int | None:
+    """Go's ``strconv.Atoi`` on 64 bits: an optional sign, then :func:`parse_uint`'s digits, within int64."""
+    sign = text[:1] if text[:1] in ("+", "-") else ""
+    magnitude = parse_uint(text[len(sign) :])
+    if magnitude is None:
+        return None
+    value = -magnitude if sign == "-" else magnitude
+    return value if -(2**63) <= value < 2**63 else None
+
 
 def arg(request: Request, name: str) -> str | None:
     """The first value of query argument *name*, or ``None``."""
@@ -35,21 +59,17 @@ def limit(request: Request) -> int:
     raw = arg(request, "limit")
     if raw is None or raw == "":
         return DEFAULT_LIMIT
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, "limit must be a valid integer") from None
+    value = atoi(raw)
+    if value is None:
+        raise ApiError(400, "limit must be a valid integer")
     if not 1 <= value <= MAX_LIMIT:
         raise ApiError(400, f"limit must be between 1 and {MAX_LIMIT}")
     return value
 
 
 def offset(request: Request) -> int:
-    """The decimal offset ``cursor`` of offset-paged listings (non-numeric or negative is 0, as in Go)."""
-    try:
-        return max(0, int(arg(request, "cursor") or "0"))
-    except ValueError:
-        return 0
+    """The decimal offset ``cursor`` of offset-paged listings (what Atoi refuses, or negative, is 0, as in Go)."""
+    return max(0, atoi(arg(request, "cursor") or "0") or 0)
 
 
 def page(items: list[dict[str, Any]], start: int, size: int, total: int | None = None) -> dict[str, Any]:
@@ -64,10 +84,9 @@ def non_negative(request: Request, name: str) -> int:
     raw = arg(request, name)
     if raw is None or raw == "":
         return 0
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"{name} must be a valid integer") from None
+    value = atoi(raw)
+    if value is None:
+        raise ApiError(400, f"{name} must be a valid integer")
     if value < 0:
         raise ApiError(400, f"{name} must be >= 0")
     return value
@@ -98,10 +117,9 @@ def query_host(edge: EdgeConfig, request: Request) -> Host:
     raw = arg(request, "host_id")
     if raw is None or raw == "":
         raise ApiError(400, "host_id is required")
-    try:
-        host_id = int(raw)
-    except ValueError:
-        raise ApiError(400, "host_id must be a valid integer") from None
+    host_id = atoi(raw)
+    if host_id is None:
+        raise ApiError(400, "host_id must be a valid integer")
     if host_id <= 0:
         raise ApiError(400, "host_id is required")
     return host(edge, host_id, status=404)
