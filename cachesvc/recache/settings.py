@@ -61,6 +61,7 @@ class HTTPAPIConfig:
     request_timeout: GoDuration | None = None
     scheduler_control_api: bool = False
     max_body_size: int = 4 * 1024 * 1024
+    max_connections: int = 256
 
 
 @dataclass
@@ -148,6 +149,7 @@ class RecacheSettings:
     metrics_path: str
     metrics_namespace: str
     edge: EdgeConfig
+    max_connections: int = 256  # open API connections at most; more are refused at once
 
     @property
     def normal_check_ticks(self) -> int:
@@ -236,6 +238,8 @@ def check_recache(config: CacheDaemonConfig, source: str | None = None) -> Recac
         raise fail("http_api.request_timeout must be > 0 when the API is enabled, e.g. 30s")
     if api.max_body_size <= 0:
         raise fail(f"http_api.max_body_size must be > 0, got {api.max_body_size}")
+    if api.max_connections <= 0:
+        raise fail(f"http_api.max_connections must be > 0, got {api.max_connections}")
     metrics_endpoint = ""
     if m.enabled:
         if not m.listen:
@@ -292,4 +296,5 @@ def check_recache(config: CacheDaemonConfig, source: str | None = None) -> Recac
         metrics_path=m.path or "/metrics",
         metrics_namespace=m.namespace or "edgecomet",
         edge=edge,
+        max_connections=api.max_connections,
     )
