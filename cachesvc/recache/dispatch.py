@@ -2,8 +2,12 @@
 
 ``POST http://{address}/internal/cache/recache`` with ``X-Internal-Auth`` and the JSON body
 ``{"url":…,"host_id":…,"dimension_id":…}``; success is a 200 and nothing else. ``timeout_per_url``
-bounds the whole exchange, body included (treq's own timeout stops at the headers). Work is spread
-round-robin over healthy gateways; one that refuses connections or times out sits out a cool-down.
+bounds the whole exchange, body included (treq's own timeout stops at the headers): when it fires,
+the connection is closed, not left open or handed back to the pool. The status is what counts, so
+the body is read only to find where the answer ends, kept nowhere, and read at most
+:data:`BODY_LIMIT` bytes far: a longer one (a 200 of 100 MB is still a 200) closes the connection
+instead of being read on. Work is spread round-robin over healthy gateways; one that refuses
+connections or times out sits out a cool-down.
 """
 
 from __future__ import annotations
@@ -11,18 +15,23 @@ from __future__ import annotations
 import json
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-import treq
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
 from zope.interface import Interface, implementer
 
 from cachesvc.recache.gojson import encode_object
+
+BODY_LIMIT = 64 * 1024
+"""How far into an answer's body the dispatcher reads before it closes the connection instead."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,61 @@ def pooled_client(reactor: Any, max_connections: int) -> tuple[HTTPClient, HTTPC
     return HTTPClient(Agent(reactor, pool=pool)), pool
 
 
+class _BodyEnd(Protocol):
+    """Reads a response body to its end, keeping none of it, and closes the connection when told to stop.
+
+    *done* fires once the body has ended, once it proves longer than *limit* (its connection is then
+    closed: the rest is never read), or fails if the connection broke first. Cancelling *done* (the
+    dispatcher's timeout) closes the connection. A connection closed here never goes back to the pool.
+    """
+
+    def __init__(self, length: int | None, limit: int) -> None:
+        self._length = length
+        self._limit = limit
+        self._received = 0
+        self._enough = False
+        self.done: Deferred[None] = Deferred(lambda _: self._stop())
+
+    def connectionMade(self) -> None:
+        if self._length is not None and self._length > self._limit:
+            self._over()  # Content-Length says so: nothing of the body has been read yet
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._received += len(data)
+        if self._received > self._limit:
+            self._over()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        if self._enough or reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+    def _over(self) -> None:
+        self._enough = True
+        self._stop()
+        if not self.done.called:
+            self.done.callback(None)
+
+    def _stop(self) -> None:
+        # The response's transport proxies the connection: stopping it closes the connection (the
+        # parser is left mid-body, so the pool never takes it back).
+        if self.transport is not None:
+            cast(IPushProducer, self.transport).stopProducing()
+
+
+def read_body_end(response: IResponse, limit: int = BODY_LIMIT) -> Deferred[None]:
+    """Fire when *response*'s body has ended or proves longer than *limit*; see :class:`_BodyEnd`."""
+    length = response.length
+    reader = _BodyEnd(length if isinstance(length, int) else None, limit)  # else UNKNOWN_LENGTH
+    response.deliverBody(reader)
+    return reader.done
+
+
 @implementer(IDispatcher)
 class Dispatcher:
     """One request per call through *client*; fires with the HTTP status, or fails (refused, reset, timed out)."""
@@ -138,8 +202,9 @@ class Dispatcher:
 
     @inlineCallbacks
     def _exchange(self, url: EncodedURL, body: bytes) -> Generator[Deferred[Any], Any, int]:
-        response = yield self._client.post(url, data=body, headers=self._headers)
-        yield treq.content(response)
+        # unbuffered: treq would otherwise keep a copy of the whole body for later readers
+        response = yield self._client.post(url, data=body, headers=self._headers, unbuffered=True)
+        yield read_body_end(response)
         return int(response.code)
 
     def close(self) -> Deferred[None]:
