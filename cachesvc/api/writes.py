@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from cachesvc.api import query
-from cachesvc.api.http import ApiError, envelope
+from cachesvc.api.http import ApiError, envelope, redis_refusal
 from cachesvc.recache import keys
 from cachesvc.recache.edgeconfig import EdgeConfig
 from cachesvc.recache.members import encode_member
@@ -159,6 +159,8 @@ class Writes:
         try:
             deleted = yield self.store.delete_metadata(host_id, body["dimension_ids"] or None)
         except RedisError as e:
+            if redis_refusal(e) is not None:  # Redis out of memory or busy: 503 with the reason
+                raise
             self.log.error("invalidate-all failed host_id={host_id}: {e}", host_id=host_id, e=e)
             raise ApiError(500, "internal error during invalidation") from None
         self.log.info(
