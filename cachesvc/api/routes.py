@@ -58,5 +58,6 @@ def api_resource(
 
 
 def api_site(settings: RecacheSettings, resource: ApiResource) -> Site:
-    """The site serving *resource*, with the body limit and timeouts of *settings*."""
-    return make_site(resource, settings.max_body_size, settings.request_timeout)
+    """The site serving *resource*, with the body limit, timeouts and connection cap of *settings*."""
+    return make_site(resource, settings.max_body_size, settings.request_timeout, settings.max_connections,
+                     resource.reactor)
