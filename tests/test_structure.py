@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "cachesvc"
 LUA = ROOT / PACKAGE / "recache" / "lua"
 MAX_LINES = 400
-LONG_MODULES = {"cachesvc/recache/urlnorm.py": 420, "cachesvc/recache/gojson.py": 420}
+# The Go-compatibility models are excepted from the 400-line rule (they mirror Go's code paths one for
+# one); a looser bound still catches one that starts collecting other concerns.
+LONG_MODULES = {"cachesvc/recache/urlnorm.py": 600, "cachesvc/recache/gojson.py": 600}
 
 
 # --- helpers -------------------------------------------------------------------------------------
