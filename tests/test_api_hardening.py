@@ -295,7 +295,7 @@ def test_redis_out_of_memory_is_503_with_the_reason(api: Api, method: str, path:
     assert api.json(method, path, body) == (503, refusal(f"redis out of memory: {OOM}"))
     scripted = RedisError(f"{OOM} script: b0e59eb6cc1801c4e89d52841f8df3eace8c14d6, on @user_script:19.")
     api.store.error = scripted
-    assert api.json(method, path, body) == (503, refusal(f"redis out of memory: {scripted}"))
+    assert api.json(method, path, body) == (503, refusal(f"redis out of memory: {OOM}"))
     loading = "LOADING Redis is loading the dataset in memory"
     api.store.error = RedisError(loading)
     assert api.json(method, path, body) == (503, refusal(f"redis unavailable: {loading}"))

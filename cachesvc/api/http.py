@@ -76,7 +76,7 @@ Handler = Callable[[Request], Any]
 
 def redis_refusal(error: RedisError) -> ApiError | None:
     """The 503 for an error reply that is Redis's state (busy, out of memory, loading…), else ``None``."""
-    text = str(error)
+    text = str(error).split(" script: ", 1)[0]  # without the script's name and line, when a script met it
     code = text.split(" ", 1)[0]
     if "BUSY" in text:
         return ApiError(503, "redis busy, try again later")
