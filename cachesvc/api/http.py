@@ -261,13 +261,18 @@ class ApiChannel(HTTPChannel):
     def connectionMade(self) -> None:
         HTTPChannel.connectionMade(self)
         self.site.connections += 1
-        self._arm(self.site.request_timeout, self._expired)  # a connection that sends nothing
+        self._start()  # a connection that sends nothing is closed too
 
     def dataReceived(self, data: bytes) -> None:
         if data and self._state == "idle":
             self._state = "reading"
-            self._arm(self.site.request_timeout, self._expired)
+            self._start()
         HTTPChannel.dataReceived(self, data)
+
+    def _start(self) -> None:
+        """Arm the deadline of the request whose first byte is now (read by :class:`ApiRequest`)."""
+        self._arm(self.site.request_timeout, self._expired)
+        self.deadline = self.site.reactor.seconds() + self.site.request_timeout
 
     def allContentReceived(self) -> None:
         self._state = "answering"
@@ -278,7 +283,7 @@ class ApiChannel(HTTPChannel):
         self._disarm()
         HTTPChannel.requestDone(self, request)  # may replay pipelined bytes, the next request's first
         transport = self.transport
-        if transport is not None and transport.disconnecting and self._timer is None:  # type: ignore[attr-defined]
+        if transport is not None and getattr(transport, "disconnecting", False) and self._timer is None:
             self._arm(self.site.request_timeout, self._abort)  # not persistent: the answer must leave
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -288,9 +293,7 @@ class ApiChannel(HTTPChannel):
 
     def _arm(self, seconds: float, call: Callable[[], None]) -> None:
         self._disarm()
-        reactor = self.site.reactor
-        self.deadline = reactor.seconds() + seconds
-        self._timer = reactor.callLater(seconds, call)
+        self._timer = self.site.reactor.callLater(seconds, call)
 
     def _disarm(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -302,7 +305,7 @@ class ApiChannel(HTTPChannel):
         transport = self.transport
         if transport is None:
             return
-        if transport.disconnecting:  # type: ignore[attr-defined]  # refused, and its answer not taken
+        if getattr(transport, "disconnecting", False):  # refused, and its answer not taken
             self._abort()
             return
         if self._state == "answering":
@@ -316,8 +319,9 @@ class ApiChannel(HTTPChannel):
 
     def _abort(self) -> None:
         self._timer = None
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+        transport = self.transport
+        if transport is not None:
+            getattr(transport, "abortConnection", transport.loseConnection)()
 
 
 class ApiSite(Site):
