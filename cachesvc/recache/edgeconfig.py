@@ -3,7 +3,8 @@
 Hosts (from ``hosts.include``: a file, a directory of ``*.yaml`` or a glob, relative to the EG
 config, files sorted by name), their domains and dimensions (with the built-in ``bypass`` dimension,
 id 0, injected as the EG does), ``internal.auth_key``, and ``render.cache.expired.stale_ttl``.
-Everything else in the EG files belongs to the EG and is ignored, not validated.
+Everything else in the EG files belongs to the EG and is ignored, not validated. Each file is read
+within the bounds of :func:`cachesvc.configfile.read_yaml_file` (1 MiB, alias expansion, nesting).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from cachesvc.configfile import read_yaml_mapping
+from cachesvc.configfile import SHOWN_CHARS, read_yaml_file, secret_warning, segment, shown
 from cachesvc.durations import parse_duration
 
 
@@ -61,6 +62,7 @@ class EdgeConfig:
     path: str
     auth_key: str
     hosts: tuple[Host, ...]  # file name order, then file order
+    warnings: tuple[str, ...] = ()  # e.g. the auth key in a file every user can read
 
     def host(self, host_id: int) -> Host | None:
         for host in self.hosts:
@@ -70,7 +72,7 @@ class EdgeConfig:
 
 
 def load_edge_config(path: str) -> EdgeConfig:
-    data = _read_yaml(path)
+    data, mode = read_yaml_file(path, EdgeConfigError, "EG config file")
     internal = _mapping(data.get("internal"), path, "internal")
     auth_key = internal.get("auth_key") or ""
     if not isinstance(auth_key, str) or not auth_key:
@@ -78,6 +80,7 @@ def load_edge_config(path: str) -> EdgeConfig:
             f"{path}: internal.auth_key in EG config is required for daemon API authentication; "
             "set it to the shared secret the Edge Gateways use"
         )
+    exposed = secret_warning(path, mode, "internal.auth_key")
     global_stale = _stale_ttl(data, path, "render.cache.expired.stale_ttl") or 0.0
     global_dims = data.get("dimensions")
     hosts_section = data.get("hosts")
@@ -105,11 +108,11 @@ def load_edge_config(path: str) -> EdgeConfig:
             )
         seen[host.id] = file
         hosts.append(host)
-    return EdgeConfig(path, auth_key, tuple(hosts))
+    return EdgeConfig(path, auth_key, tuple(hosts), (exposed,) if exposed else ())
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    return read_yaml_mapping(path, EdgeConfigError, "EG config file")
+    return read_yaml_file(path, EdgeConfigError, "EG config file")[0]
 
 
 def _mapping(value: Any, path: str, key: str) -> dict[str, Any]:
@@ -126,7 +129,8 @@ def _host_files(eg_path: str, include: str) -> list[str]:
     files = sorted(files, key=os.path.basename)
     if not files:
         raise EdgeConfigError(
-            f"{eg_path}: hosts.include {include!r} matches no host files; check the path (relative to the EG config)"
+            f"{eg_path}: hosts.include {shown(include)} matches no host files; "
+            "check the path (relative to the EG config)"
         )
     return files
 
@@ -139,8 +143,11 @@ def _stale_ttl(section: dict[str, Any], path: str, where: str) -> float | None:
         value = value.get(key)
     if value is None or value == "":
         return None
+    text = str(value) if isinstance(value, (int, float)) else value
+    if not isinstance(text, str) or len(text) > SHOWN_CHARS:  # parse_duration's message repeats it whole
+        raise EdgeConfigError(f"{path}: {where}: {shown(value)} is not a duration; write e.g. 1h or 30m")
     try:
-        return parse_duration(str(value))
+        return parse_duration(text)
     except ValueError as e:
         raise EdgeConfigError(f"{path}: {where}: {e}") from None
 
@@ -150,7 +157,7 @@ def _host(entry: Any, file: str, where: str, global_dims: Any, global_stale: flo
         raise EdgeConfigError(f"{file}: {where} must be a mapping")
     host_id = entry.get("id")
     if isinstance(host_id, bool) or not isinstance(host_id, int) or host_id <= 0:
-        raise EdgeConfigError(f"{file}: {where}.id must be a positive integer, got {host_id!r}")
+        raise EdgeConfigError(f"{file}: {where}.id must be a positive integer, got {shown(host_id)}")
     domain = entry.get("domain")
     domains = [domain] if isinstance(domain, str) else domain if isinstance(domain, list) else []
     domains = [str(d).rstrip(".") for d in domains if d]
@@ -170,11 +177,13 @@ def _dimensions(section: Any, file: str, where: str) -> tuple[Dimension, ...]:
     dims: list[Dimension] = []
     ids: dict[int, str] = {}
     for name, spec in section.items():
+        label = f"{where}.{segment(name)}"
         spec = spec or {}
-        label = f"{where}.{name}"
+        if not isinstance(spec, dict):
+            raise EdgeConfigError(f"{file}: {label} must be a mapping of settings (id, action, match_ua)")
         dim_id = spec.get("id", 0)
         if isinstance(dim_id, bool) or not isinstance(dim_id, int) or dim_id < 0:
-            raise EdgeConfigError(f"{file}: {label}.id must be a whole number >= 0, got {dim_id!r}")
+            raise EdgeConfigError(f"{file}: {label}.id must be a whole number >= 0, got {shown(dim_id)}")
         action = spec.get("action") or "render"
         if name == "bypass":
             if dim_id != 0:
@@ -187,10 +196,10 @@ def _dimensions(section: Any, file: str, where: str) -> tuple[Dimension, ...]:
         if action == "block" and not spec.get("match_ua"):
             raise EdgeConfigError(f"{file}: {label}: a block dimension needs match_ua patterns")
         if action not in ("render", "block", "bypass"):
-            raise EdgeConfigError(f"{file}: {label}.action {action!r} is not one of render, block, bypass")
+            raise EdgeConfigError(f"{file}: {label}.action {shown(action)} is not one of render, block, bypass")
         if dim_id in ids:
             raise EdgeConfigError(
-                f"{file}: {label}.id {dim_id} is already used by dimension {ids[dim_id]!r}; "
+                f"{file}: {label}.id {dim_id} is already used by dimension {shown(ids[dim_id])}; "
                 "dimension ids must be unique per host"
             )
         ids[dim_id] = name
