@@ -4,114 +4,313 @@ Clients are strict: the PHP plugin does one ``fread(512)`` and matches ``^Purge:
 reply is always one ``write`` of the whole line, sent only when the purge has finished. Lines on
 one connection are answered in order; a path still in the buffer when the peer closes (the Go CLI
 sends no newline and never reads) is purged all the same.
+
+No client can hold the reactor: a connection's lines are answered at most ``lines_per_turn`` per
+reactor turn (the rest wait, and the connection is not read, until they are answered), at most
+``max_unanswered`` lines wait at once (one more is answered ``Purge: Error`` and the connection
+closes), replies a client does not read stop its processing (and after ``idle_timeout`` the
+connection), a line must be complete within ``idle_timeout`` of its first byte, and connections
+beyond ``max_connections`` are closed as they arrive. Refusals are logged through a
+:class:`~cachesvc.purge.ratelimit.LogBudget`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections import deque
+from typing import Protocol, cast
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol as WireProtocol
 from twisted.internet.protocol import ServerFactory, connectionDone
-from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import TimeoutMixin
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from cachesvc.purge.ratelimit import LogBudget
 
 SUCCESS = b"Purge: Success\n"
 ERROR = b"Purge: Error\n"
+
+LINES_PER_TURN = 64
+"""Lines of one connection answered in one reactor turn; then it yields (about 1 ms of refusals)."""
+
+MAX_UNANSWERED = 4096
+"""Lines of one connection that may wait for their answer; the next one is refused and closes it."""
+
+MAX_CONNECTIONS = 512
 
 
 class IPurge(Protocol):
     def purge(self, raw: bytes) -> Deferred[bool]: ...
 
 
-class PurgeProtocol(LineReceiver, TimeoutMixin):
-    delimiter = b"\n"
+class _Transport(Protocol):
+    """What a purge connection uses of its transport (TCP, UNIX, or a test's StringTransport)."""
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def getPeer(self) -> IAddress: ...
+
+    producer: object | None
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+
+
+class _Refusal(str):
+    """A queue entry that answers ``Purge: Error`` and closes the connection; the text is the reason."""
+
+
+@implementer(IPushProducer)
+class PurgeProtocol(WireProtocol):
+    """One purge connection. It is the transport's producer of replies, and pauses the transport's reading."""
+
     log = Logger()
     factory: PurgeFactory
 
     def connectionMade(self) -> None:
-        # One byte of slack for the optional "\r" that lineReceived strips before measuring.
-        self.MAX_LENGTH = self.factory.max_line_length + 1
-        self._tail: Deferred[Any] = succeed(None)
-        self._pending = 0
-        self._closing = False
+        self.factory.opened += 1
+        self._buffer = b""  # the incomplete line
+        self._line_since: float | None = None  # when the incomplete line began (or the last answer, if later)
+        self._queue: deque[bytes | _Refusal] = deque()  # complete lines not yet started, in order
+        self._busy = False  # one of this connection's purges is running
+        self._closing = False  # input is ignored from now on: a refusal is queued, or the peer is gone
         self._lost = False
-        self.setTimeout(self.factory.idle_timeout)
+        self._reading_paused = False
+        self._writes_blocked = False  # the client does not read its replies
+        self._pumping = False
+        self._next_turn: IDelayedCall | None = None
+        self._timer: IDelayedCall | None = None
+        self._timer_kind = ""
+        self._transport().registerProducer(self, True)
+        self._arm_timer()
+
+    # --- input --------------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self.resetTimeout()
-        LineReceiver.dataReceived(self, data)
+        factory = self.factory
+        new_line = not self._buffer
+        self._buffer += data
+        if b"\n" in data:
+            new_line = True
+            room = factory.max_unanswered - len(self._queue) - self._busy
+            *lines, rest = self._buffer.split(b"\n", max(room, 0))
+            self._buffer = rest
+            for line in lines:
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if len(line) > factory.max_line_length:
+                    self._refuse(f"line longer than {factory.max_line_length} bytes")
+                    break
+                self._queue.append(line)
+            else:
+                if b"\n" in rest:
+                    self._refuse(f"more than {factory.max_unanswered} lines waiting for their answer")
+        if not self._closing and len(self._buffer) > factory.max_line_length + 1:  # one byte of slack for "\r"
+            self._refuse(f"line longer than {factory.max_line_length} bytes")
+        if self._closing or not self._buffer:
+            self._line_since = None
+        elif new_line:
+            self._line_since = factory.clock.seconds()
+        self._pump()
 
-    def lineReceived(self, line: bytes) -> None:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if len(line) > self.factory.max_line_length:
-            self.lineLengthExceeded(line)
-            return
-        self._enqueue(line, reply=True)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self.log.warn(
-            "purge request refused (line longer than {limit} bytes), closing connection",
-            limit=self.factory.max_line_length,
-        )
+    def _refuse(self, reason: str) -> None:
+        """Answer what came before, then ``Purge: Error``, then close; ignore everything after."""
+        self._queue.append(_Refusal(reason))
         self._closing = True
-        self.clearLineBuffer()
-        self._tail.addCallback(lambda _: self._reply(ERROR))
-        self._tail.addCallback(lambda _: self._transport().loseConnection())
+        self._buffer = b""
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._lost = True
-        self.setTimeout(None)
-        rest = self.clearLineBuffer()
-        if rest.endswith(b"\r"):
-            rest = rest[:-1]
-        if rest and not self._closing and len(rest) <= self.factory.max_line_length:
-            self._enqueue(rest, reply=False)
+    # --- answering, a bounded number per reactor turn ------------------------------------------------
 
-    def timeoutConnection(self) -> None:
-        self.log.info("closing purge connection idle for {seconds}s", seconds=self.factory.idle_timeout)
-        TimeoutMixin.timeoutConnection(self)
+    def _pump(self) -> None:
+        if self._pumping:
+            return  # a purge that finished at once: the loop below goes on
+        self._pumping = True
+        try:
+            budget = self.factory.lines_per_turn
+            while self._queue and not self._busy and not self._writes_blocked:
+                if budget == 0:
+                    if self._next_turn is None:
+                        self._next_turn = self.factory.clock.callLater(0, self._turn)
+                    break
+                budget -= 1
+                item = self._queue.popleft()
+                if isinstance(item, _Refusal):
+                    self._queue.clear()
+                    self._close_refused(item)
+                    break
+                self._busy = True
+                d = self.factory.purger.purge(item)
+                d.addCallback(self._answered)
+                d.addErrback(self._broke)
+        finally:
+            self._pumping = False
+        self._flow()
 
-    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
-        """TimeoutMixin's timer, on the factory's clock instead of the global reactor."""
-        return self.factory.clock.callLater(period, func)
+    def _turn(self) -> None:
+        self._next_turn = None
+        self._pump()
 
-    def _enqueue(self, line: bytes, reply: bool) -> None:
-        """Run purges of one connection one after another, so replies keep the request order."""
-        self._pending += 1
-        self.setTimeout(None)  # a long purge is not idleness
-        self._tail.addCallback(lambda _: self.factory.purger.purge(line))
-        self._tail.addCallback(lambda ok: self._finished(ok, reply))
-        self._tail.addErrback(lambda f: self.log.failure("purge connection broke", f))
+    def _answered(self, ok: bool) -> None:
+        self._busy = False
+        self._reply(SUCCESS if ok else ERROR)
+        if self._line_since is not None:  # an incomplete line's time starts when it can be read
+            self._line_since = self.factory.clock.seconds()
+        self._pump()
 
-    def _finished(self, ok: bool, reply: bool) -> None:
-        self._pending -= 1
-        if reply:
-            self._reply(SUCCESS if ok else ERROR)
-        if self._pending == 0 and not self._closing and not self._lost:
-            self.setTimeout(self.factory.idle_timeout)
+    def _broke(self, failure: Failure) -> None:
+        self.log.failure("purge connection broke", failure)
+        self._busy = False
+        self._queue.clear()
+        self._close(abort=True)
+
+    def _close_refused(self, reason: str) -> None:
+        self.factory.refusals.emit(
+            LogLevel.warn, "purge request refused ({reason}), closing connection from {peer}",
+            reason=reason, peer=_peer(self._transport().getPeer()),
+        )
+        self._reply(ERROR)
+        self._close()
 
     def _reply(self, line: bytes) -> None:
         if not self._lost:
             self._transport().write(line)
 
-    def _transport(self) -> ITransport:
+    def _flow(self) -> None:
+        """Read only while nothing waits; keep the timer in step with the state."""
+        if not self._lost:
+            hold = bool(self._queue) or self._writes_blocked or self._closing
+            if hold != self._reading_paused:
+                self._reading_paused = hold
+                transport = self._transport()
+                transport.pauseProducing() if hold else transport.resumeProducing()
+        self._arm_timer()
+
+    # --- the transport's producer: replies the client does not read -----------------------------------
+
+    def pauseProducing(self) -> None:
+        self._writes_blocked = True
+        self._flow()
+
+    def resumeProducing(self) -> None:
+        self._writes_blocked = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        """The connection is gone; :meth:`connectionLost` finishes what was sent."""
+
+    # --- time limits -------------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        factory = self.factory
+        kind, delay = "", 0.0
+        if self._lost or self._closing and not self._queue and not self._busy:
+            kind = ""
+        elif self._writes_blocked:
+            kind, delay = "unread", factory.idle_timeout
+            if self._timer_kind == kind:
+                return  # counts from when the replies stopped being read
+        elif self._busy or self._queue:
+            kind = ""  # a long purge is not idleness
+        elif self._line_since is not None:
+            kind, delay = "line", max(0.0, self._line_since + factory.idle_timeout - factory.clock.seconds())
+        else:
+            kind, delay = "idle", factory.idle_timeout
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer, self._timer_kind = None, kind
+        if kind:
+            self._timer = factory.clock.callLater(delay, self._timed_out, kind)
+
+    def _timed_out(self, kind: str) -> None:
+        self._timer = None
+        seconds = self.factory.idle_timeout
+        what = {
+            "idle": "idle for {seconds}s",
+            "line": "a line still incomplete {seconds}s after its first byte",
+            "unread": "replies unread for {seconds}s",
+        }[kind]
+        self.factory.timeouts.emit(LogLevel.info, "closing purge connection from {peer}: " + what,
+                                   peer=_peer(self._transport().getPeer()), seconds=seconds)
+        self._closing = True
+        self._queue.clear()
+        self._close(abort=kind == "unread")
+
+    def _close(self, abort: bool = False) -> None:
+        if self._lost:
+            return
+        self._closing = True
+        self._reading_paused = True  # closing stops the reading for good; the transport is not touched again
+        transport = self._transport()
+        if transport.producer is not None:
+            transport.unregisterProducer()  # else loseConnection waits for it
+        if abort:
+            transport.abortConnection()
+        else:
+            transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self.factory.opened -= 1
+        rest, self._buffer = self._buffer, b""
+        if rest.endswith(b"\r"):
+            rest = rest[:-1]
+        if rest and not self._closing and len(rest) <= self.factory.max_line_length:
+            self._queue.append(rest)  # the Go CLI's path without newline: purged, nobody to answer
+        self._closing = True
+        self._writes_blocked = False
+        self._pump()  # what was sent is still purged, in order, at the same pace
+
+    def _transport(self) -> _Transport:
         assert self.transport is not None  # set by makeConnection, before connectionMade
-        return self.transport
+        return cast(_Transport, self.transport)
 
 
 class PurgeFactory(ServerFactory[PurgeProtocol]):
     protocol = PurgeProtocol
     noisy = False
+    log = Logger()
 
-    def __init__(self, purger: IPurge, clock: IReactorTime, idle_timeout: float, max_line_length: int) -> None:
+    def __init__(
+        self,
+        purger: IPurge,
+        clock: IReactorTime,
+        idle_timeout: float,
+        max_line_length: int,
+        max_connections: int = MAX_CONNECTIONS,
+        max_unanswered: int = MAX_UNANSWERED,
+        lines_per_turn: int = LINES_PER_TURN,
+    ) -> None:
         self.purger = purger
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.max_line_length = max_line_length
+        self.max_connections = max_connections
+        self.max_unanswered = max_unanswered
+        self.lines_per_turn = lines_per_turn
+        self.opened = 0  # connections open now
+        self.refusals = LogBudget(self.log, clock, "purge requests refused by the protocol")
+        self.timeouts = LogBudget(self.log, clock, "purge connections closed by a time limit")
+        self.crowded = LogBudget(
+            self.log, clock, f"purge connections refused (purge.max_connections {max_connections})"
+        )
+
+    def buildProtocol(self, addr: IAddress | None) -> PurgeProtocol | None:
+        if self.opened >= self.max_connections:
+            self.crowded.emit(
+                LogLevel.warn, "refusing purge connection from {peer}: {open} open, purge.max_connections is {max}",
+                peer=_peer(addr), open=self.opened, max=self.max_connections,
+            )
+            return None  # the port closes the socket at once
+        return super().buildProtocol(addr)
+
+
+def _peer(address: IAddress | None) -> str:
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    return f"{host}:{port}" if host is not None else str(getattr(address, "name", None) or "a local socket")
+

@@ -12,12 +12,13 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from cachesvc.purge.deleter import Deleted, IDeleter
 from cachesvc.purge.nginxcache import PrefixScanner
 from cachesvc.purge.paths import PathPolicy, PurgeTarget, Refused
+from cachesvc.purge.ratelimit import LogBudget
 from cachesvc.purge.zones import ZoneMap
 
 URL_SCHEMES = (b"http://", b"https://")
@@ -59,6 +60,9 @@ class Purger:
         self.zones = zones
         self.scanner = scanner
         self._inflight: dict[PurgeTarget, _Shared] = {}
+        # Clients choose how many refusals there are (65,536 empty lines are 64 KiB): a burst, then counts.
+        self._refused = LogBudget(self.log, clock, "purge requests refused")
+        self._failed = LogBudget(self.log, clock, "purge requests failed")
 
     @inlineCallbacks
     def purge(self, raw: bytes) -> Generator[Deferred[Any], Any, bool]:
@@ -127,8 +131,13 @@ class Purger:
 
     def _record(self, path: str, outcome: str, detail: str, started: float) -> None:
         ms = (self.clock.seconds() - started) * 1000
-        emit = self.log.warn if outcome in ("refused", "failed") else self.log.info
-        emit("purge {path!r} {outcome}{detail}, {ms:.1f} ms", path=path, outcome=outcome, detail=detail, ms=ms)
+        line = "purge {path!r} {outcome}{detail}, {ms:.1f} ms"
+        if outcome == "refused":
+            self._refused.emit(LogLevel.warn, line, path=path, outcome=outcome, detail=detail, ms=ms)
+        elif outcome == "failed":
+            self._failed.emit(LogLevel.warn, line, path=path, outcome=outcome, detail=detail, ms=ms)
+        else:
+            self.log.info(line, path=path, outcome=outcome, detail=detail, ms=ms)
 
 
 def _files(done: Deleted) -> str:
