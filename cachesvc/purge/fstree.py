@@ -22,7 +22,12 @@ def open_parent(target: PurgeTarget) -> int | None:
 
     Raises :class:`Refused` if any component below the root is a symlink.
     """
-    parent = os.open(target.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parent = os.open(target.root, DIR_FLAGS)  # a root swapped for a symlink since start-up is refused too
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(target.root):
+            raise Refused(f"cache root {target.root} is a symlink") from None
+        raise
     for depth, name in enumerate(target.parts[:-1]):
         try:
             child = os.open(name, DIR_FLAGS, dir_fd=parent)
@@ -49,11 +54,14 @@ def open_dir(target: PurgeTarget) -> int | None:
         return None
     try:
         return os.open(target.parts[-1], DIR_FLAGS, dir_fd=parent)
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError:
         return None
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        # O_DIRECTORY | O_NOFOLLOW on a symlink is ENOTDIR on Linux, as for a plain file.
+        if e.errno == errno.ELOOP or (e.errno == errno.ENOTDIR and _is_symlink(parent, target.parts[-1])):
             raise Refused(f"symlink at {target.path}") from None
+        if e.errno == errno.ENOTDIR:
+            return None
         raise
     finally:
         os.close(parent)
