@@ -9,6 +9,7 @@ section is left as it was.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ class PurgeConfig:
     max_line_length: int = 4096
     trash_dir: str | None = None
     zones: list[ZoneConfig] = field(default_factory=list)
+    max_connections: int = 512
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class PurgeSettings:
     max_line_length: int
     trash_dir: str  # absolute; a direct child of a root or outside every root
     zones: tuple[Zone, ...]
+    max_connections: int = 512
 
 
 def check_purge(purge: PurgeConfig, source: str | None = None) -> PurgeSettings:
@@ -63,6 +66,11 @@ def check_purge(purge: PurgeConfig, source: str | None = None) -> PurgeSettings:
         raise ConfigError(
             f"{label('purge.max_line_length', source)}: {purge.max_line_length} is out of range; "
             "use 1 to 1048576 (default 4096)"
+        )
+    if not 1 <= purge.max_connections <= 1 << 20:
+        raise ConfigError(
+            f"{label('purge.max_connections', source)}: {purge.max_connections} is out of range; "
+            "use 1 to 1048576 (default 512)"
         )
     roots = _check_roots(purge.roots, source)
     zones = []
@@ -78,7 +86,24 @@ def check_purge(purge: PurgeConfig, source: str | None = None) -> PurgeSettings:
         max_line_length=purge.max_line_length,
         trash_dir=_check_trash(purge.trash_dir, roots, source),
         zones=tuple(zones),
+        max_connections=purge.max_connections,
     )
+
+
+LISTEN_BACKLOG = 1024
+"""The purge port's listen queue (Twisted's default, 50, made 1 of 100 quick connects wait ~1 s)."""
+
+
+def with_backlog(listen: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """*listen* with ``backlog=`` added when it is a ``tcp:``/``tcp6:`` endpoint that sets none; else as given."""
+    kind, _, rest = listen.partition(":")
+    if kind.strip().lower() not in ("tcp", "tcp6") or not rest:
+        return listen
+    args = re.split(r"(?<!\\):", rest)
+    positional = [a for a in args if "=" not in a]
+    if any(a.split("=", 1)[0].strip() == "backlog" for a in args) or len(positional) > 2:
+        return listen  # set already (tcp:PORT:INTERFACE:BACKLOG is the positional form)
+    return f"{listen}:backlog={backlog}"
 
 
 def _check_roots(roots: Sequence[str], source: str | None) -> tuple[str, ...]:
@@ -99,6 +124,13 @@ def _check_roots(roots: Sequence[str], source: str | None) -> tuple[str, ...]:
         if not os.path.isdir(norm):
             what = "does not exist" if not os.path.exists(norm) else "is not a directory"
             raise ConfigError(f"{where}: {root!r} {what}; create it (owned by the nginx user) or fix the path")
+        real = os.path.realpath(norm)
+        if real != norm:
+            what = "is a symlink" if os.path.islink(norm) else "passes through a symlink"
+            raise ConfigError(
+                f"{where}: {root!r} {what} (to {real}); purges never follow symlinks, so give the real path, "
+                f"e.g. {real}"
+            )
         if norm in normalised:
             raise ConfigError(f"{where}: {root!r} is listed twice")
         normalised.append(norm)
@@ -128,6 +160,11 @@ def _check_trash(trash_dir: str | None, roots: Sequence[str], source: str | None
     if os.path.islink(trash) or (os.path.exists(trash) and not os.path.isdir(trash)):
         raise ConfigError(
             f"{where}: {trash!r} exists and is not a plain directory; remove it or choose another path"
+        )
+    if os.path.isdir(trash) and os.lstat(trash).st_mode & 0o022:
+        raise ConfigError(
+            f"{where}: {trash!r} is writable by group or others, who could plant what the daemon deletes; "
+            f"chmod 700 {trash} (or remove it: the daemon creates it with mode 0700)"
         )
     return trash
 

@@ -1,19 +1,25 @@
 """The purge service: the listening port and the worker threads behind it.
 
-Three threads, each injected into what uses it: the deleter's (every purge's filesystem work),
-the scanner's (prefix scans, which may take long and must not delay the others) and the trash's
-(background deletion at nice 19).
+Threads, each injected into what uses it: the deleter's (every purge's filesystem work), the
+scanner's lanes (prefix scans, which may take long and must not delay the others; zones share them
+fairly) and the trash's (background deletion at nice 19, with normal-priority lanes that help while
+it falls behind).
+
+At start the soft limit on open files is raised to the hard limit (the usual soft 1,024 is about
+1,000 connections), and the port listens with a backlog of 1,024 unless the endpoint sets one.
 """
 
 from __future__ import annotations
 
+import resource
 from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
 
-from cachesvc.purge.config import PurgeSettings
+from cachesvc.purge.config import PurgeSettings, with_backlog
 from cachesvc.purge.deleter import BatchingDeleter, delete_now
 from cachesvc.purge.nginxcache import PrefixScanner
 from cachesvc.purge.paths import PathPolicy
@@ -23,30 +29,53 @@ from cachesvc.purge.trash import Trash
 from cachesvc.purge.workers import WorkerThread
 from cachesvc.purge.zones import ZoneMap
 
+FD_RESERVE = 64
+"""Open files kept for what is not a purge connection: Redis, the API, the log, the threads' walks."""
+
+TRASH_CATCH_UP_LANES = 3
+"""Normal-priority threads that help the nice-19 trash thread while its backlog is long."""
+
+SCAN_LANES = 2
+"""Threads for prefix scans: a zone uses one at a time, so another zone's scan never waits behind it."""
+
 
 class PurgeService(MultiService):
     """Listens on ``settings.listen``; its threads stop after the port has closed."""
+
+    log = Logger()
 
     def __init__(self, settings: PurgeSettings, reactor: Any) -> None:
         MultiService.__init__(self)
         self.setName("purge")
         policy = PathPolicy(settings.roots, trash=settings.trash_dir)
         self.lane = WorkerThread(reactor, "cachesvc-purge")
-        self.scan_lane = WorkerThread(reactor, "cachesvc-scan")
-        self.trash_lane = WorkerThread(reactor, "cachesvc-trash", nice=19)
-        self.trash = Trash(settings.trash_dir, settings.roots, self.trash_lane, reactor)
+        self.scan_lanes = [WorkerThread(reactor, f"cachesvc-scan-{i}") for i in range(SCAN_LANES)]
+        self.trash_lanes = [WorkerThread(reactor, "cachesvc-trash", nice=19)]
+        catch_up = [WorkerThread(reactor, f"cachesvc-trash-catch-up-{i}") for i in range(TRASH_CATCH_UP_LANES)]
+        self.trash_lanes += catch_up
+        self.trash = Trash(settings.trash_dir, settings.roots, self.trash_lanes[:1], reactor, catch_up)
         deleter = BatchingDeleter(self.lane, lambda target: delete_now(target, self.trash))
-        scanner = PrefixScanner(self.scan_lane, reactor)
+        scanner = PrefixScanner(self.scan_lanes, reactor)
         self.purger = Purger(policy, deleter, reactor, ZoneMap(settings.zones, policy), scanner)
-        self.factory = PurgeFactory(self.purger, reactor, settings.idle_timeout, settings.max_line_length)
-        port = strports.service(settings.listen, self.factory, reactor=reactor)
+        self.factory = PurgeFactory(
+            self.purger, reactor, settings.idle_timeout, settings.max_line_length, settings.max_connections
+        )
+        port = strports.service(with_backlog(settings.listen), self.factory, reactor=reactor)
         port.setName("purge-port")
         port.setServiceParent(self)
 
     def startService(self) -> None:
-        self.trash.open()  # starts the trash's thread when the trash is usable
+        limit = raise_open_files_limit(self.log)
+        if limit is not None and self.factory.max_connections + FD_RESERVE > limit:
+            self.log.warn(
+                "purge.max_connections {max} leaves fewer than {reserve} of the {limit} open files for everything "
+                "else; lower it, or raise the hard limit (systemd: LimitNOFILE=)",
+                max=self.factory.max_connections, reserve=FD_RESERVE, limit=limit,
+            )
+        self.trash.open()  # starts the trash's lanes when the trash is usable
         self.lane.start()
-        self.scan_lane.start()
+        for lane in self.scan_lanes:
+            lane.start()
         MultiService.startService(self)
 
     def stopService(self) -> Deferred[None]:
@@ -56,5 +85,33 @@ class PurgeService(MultiService):
 
     def _stop_threads(self, result: Any) -> Any:
         self.trash.close()  # the next start deletes what is left in the trash
-        self.scan_lane.abandon()
+        for lane in self.scan_lanes:
+            lane.abandon()
         return self.lane.stop().addCallback(lambda _: result)
+
+
+def raise_open_files_limit(log: Logger) -> int | None:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit and log it; return the soft limit now in force.
+
+    A failure is logged, not fatal. ``None``: no limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        log.info("open files limit: {soft} (the hard limit)", soft=soft)
+        return soft
+    wanted = hard
+    if hard == resource.RLIM_INFINITY:
+        try:  # Linux refuses an infinite RLIMIT_NOFILE; fs.nr_open is the ceiling
+            with open("/proc/sys/fs/nr_open") as f:
+                wanted = int(f.read())
+        except (OSError, ValueError):
+            wanted = 1 << 20
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (OSError, ValueError) as e:
+        log.warn("cannot raise the open files limit from {soft} to {wanted}: {e}", soft=soft, wanted=wanted, e=e)
+        return soft
+    log.info("raised the open files limit from {soft} to {wanted}", soft=soft, wanted=wanted)
+    return wanted
