@@ -73,6 +73,8 @@ def makeService(settings: Settings, reactor: Any = None) -> MultiService:
     # What start-up made lives as long as the process: keep it out of the collector's full passes,
     # which hold the GIL for as long as they take.
     reactor.callWhenRunning(gc.freeze)
+    for warning in settings.warnings:  # found while the files were read, before twistd's logging began
+        reactor.callWhenRunning(log.warn, "{warning}", warning=warning)
     top = InOrder()
     if settings.purge is not None:
         purge_service(settings.purge, reactor).setServiceParent(top)
