@@ -160,6 +160,8 @@ def test_deep_nesting_ends_in_a_message(tmp_path: Path, bounded, text: str) -> N
 
 # --- short messages ----------------------------------------------------------------------------
 
+CD = "eg_config: edge-gateway.yaml\ndaemon_id: d\nredis: {addr: 'localhost:6379'}\n"
+
 
 @pytest.mark.parametrize(
     "text, expected",
@@ -169,8 +171,11 @@ def test_deep_nesting_ends_in_a_message(tmp_path: Path, bounded, text: str) -> N
         ("purge:\n  listen: {big}\n", "is not a Twisted server endpoint"),
         ("purge:\n  roots: {big}\n", "expected a list"),
         ("purge:\n  ? {big}\n  : 1\n", "unknown configuration field"),  # a plain key is at most 1,024
+        (f"{CD}logging: {{level: {{big}}}}\n", "must be one of debug, info, warn, error; got 'xxx"),
+        (f"{CD}http_api: {{listen: {{big}}}}\n", "has no valid port"),
+        (f"{CD}recache: {{edge_gateways: [{{big}}]}}\n", "is not a base URL"),
     ],
-    ids=["int", "duration", "endpoint", "list", "key"],
+    ids=["int", "duration", "endpoint", "list", "key", "log-level", "api-listen", "gateway"],
 )
 def test_a_long_bad_value_is_shown_as_a_short_prefix(tmp_path: Path, bounded, text: str, expected: str) -> None:
     path = write(tmp_path, text.replace("{big}", "x" * 500_000))

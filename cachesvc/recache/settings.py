@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from cachesvc.configfile import ConfigError, GoDuration
+from cachesvc.configfile import ConfigError, GoDuration, shown
 from cachesvc.durations import format_duration
 from cachesvc.recache.edgeconfig import EdgeConfig, EdgeConfigError, load_edge_config
 
@@ -163,7 +163,7 @@ def go_listen_endpoint(listen: str) -> str:
     host, _, port = listen.rpartition(":")
     if not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError(
-            f"{listen!r} has no valid port (1-65535); write :10090, 127.0.0.1:10090 or an endpoint like tcp:10090"
+            f"{shown(listen)} has no valid port (1-65535); write :10090, 127.0.0.1:10090 or an endpoint like tcp:10090"
         )
     host = host.strip("[]")
     return f"tcp:{port}" + (f":interface={host}" if host else "")
@@ -223,7 +223,7 @@ def check_recache(config: CacheDaemonConfig, source: str | None = None) -> Recac
                    "or entries still being sent would be handed out again")
     for i, url in enumerate(r.edge_gateways):
         if not url.startswith(("http://", "https://")):
-            raise fail(f"recache.edge_gateways[{i}]: {url!r} is not a base URL; write e.g. http://10.0.0.5:10071")
+            raise fail(f"recache.edge_gateways[{i}]: {shown(url)} is not a base URL; write e.g. http://10.0.0.5:10071")
     if r.gateway_cooldown < 0 or r.shutdown_grace < 0:
         raise fail("recache.gateway_cooldown and recache.shutdown_grace must be >= 0")
     if r.high_queue_limit < 0:
@@ -254,14 +254,14 @@ def check_recache(config: CacheDaemonConfig, source: str | None = None) -> Recac
               "logging.file.level": config.logging.file.level}
     for key, level in levels.items():
         if level.lower() not in LOG_LEVELS:
-            raise fail(f"{key} must be one of debug, info, warn, error; got {level!r}")
+            raise fail(f"{key} must be one of debug, info, warn, error; got {shown(level)}")
     if config.logging.console.enabled and config.logging.console.format not in ("", "json", "console"):
-        raise fail(f"logging.console.format must be json or console, got {config.logging.console.format!r}")
+        raise fail(f"logging.console.format must be json or console, got {shown(config.logging.console.format)}")
     if config.logging.file.enabled:
         if not config.logging.file.path:
             raise fail("logging.file.path is required when file logging is enabled")
         if config.logging.file.format not in ("", "json", "text"):
-            raise fail(f"logging.file.format must be json or text, got {config.logging.file.format!r}")
+            raise fail(f"logging.file.format must be json or text, got {shown(config.logging.file.format)}")
     eg_path = config.eg_config
     if not os.path.isabs(eg_path) and source:
         eg_path = os.path.join(os.path.dirname(os.path.abspath(source)), eg_path)
