@@ -145,9 +145,7 @@ class PurgeProtocol(WireProtocol):
                     self._close_refused(item)
                     break
                 self._busy = True
-                d = self.factory.purger.purge(item)
-                d.addCallback(self._answered)
-                d.addErrback(self._broke)
+                self.factory.purger.purge(item).addCallbacks(self._answered, self._broke)
         finally:
             self._pumping = False
         self._flow()

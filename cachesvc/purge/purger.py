@@ -64,29 +64,42 @@ class Purger:
         self._refused = LogBudget(self.log, clock, "purge requests refused")
         self._failed = LogBudget(self.log, clock, "purge requests failed")
 
-    @inlineCallbacks
-    def purge(self, raw: bytes) -> Generator[Deferred[Any], Any, bool]:
-        """Fire with whether the purge succeeded. Never fails: every error is logged and is ``False``."""
+    def purge(self, raw: bytes) -> Deferred[bool]:
+        """Fire with whether the purge succeeded. Never fails: every error is logged and is ``False``.
+
+        A request refused on its bytes alone (an empty line, a path outside the roots: what floods
+        are made of) is answered at once, without a generator or a Failure.
+        """
         started = self.clock.seconds()
-        shown = raw.decode("utf-8", "backslashreplace")
         try:
             if raw.startswith(URL_SCHEMES):
-                outcome, detail = yield self._purge_url(raw)
+                work: Deferred[tuple[str, str]] = self._purge_url(raw)
             else:
-                done = yield self.delete(self.policy.target(raw))
-                outcome, detail = done.outcome, _files(done)
+                work = self.delete(self.policy.target(raw)).addCallback(_described)
         except Refused as e:
-            self._record(shown, "refused", f": {e}", started)
-            return False
-        except OSError as e:
-            self._record(shown, "failed", f": {e.strerror or e} ({e.filename or shown})", started)
-            return False
-        except Exception as e:
-            self.log.failure("purge {path!r} crashed", path=shown)
-            self._record(shown, "failed", f": {e!r}", started)
-            return False
-        self._record(shown, outcome, detail, started)
+            self._record(_shown(raw), "refused", f": {e}", started)
+            return succeed(False)
+        except Exception:
+            return succeed(self._unsuccessful(Failure(), raw, started))
+        return work.addCallbacks(
+            self._successful, self._unsuccessful, callbackArgs=(raw, started), errbackArgs=(raw, started)
+        )
+
+    def _successful(self, done: tuple[str, str], raw: bytes, started: float) -> bool:
+        outcome, detail = done
+        self._record(_shown(raw), outcome, detail, started)
         return True
+
+    def _unsuccessful(self, failure: Failure, raw: bytes, started: float) -> bool:
+        shown, e = _shown(raw), failure.value
+        if isinstance(e, Refused):
+            self._record(shown, "refused", f": {e}", started)
+        elif isinstance(e, OSError):
+            self._record(shown, "failed", f": {e.strerror or e} ({e.filename or shown})", started)
+        else:
+            self.log.failure("purge {path!r} crashed", failure, path=shown)
+            self._record(shown, "failed", f": {e!r}", started)
+        return False
 
     def delete(self, target: PurgeTarget) -> Deferred[Deleted]:
         """Delete *target*, sharing an identical purge in flight and waiting for an ancestor's."""
@@ -138,6 +151,14 @@ class Purger:
             self._failed.emit(LogLevel.warn, line, path=path, outcome=outcome, detail=detail, ms=ms)
         else:
             self.log.info(line, path=path, outcome=outcome, detail=detail, ms=ms)
+
+
+def _shown(raw: bytes) -> str:
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _described(done: Deleted) -> tuple[str, str]:
+    return done.outcome, _files(done)
 
 
 def _files(done: Deleted) -> str:
