@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from cachesvc.configfile import ConfigError, Duration, check_server_endpoint, label
+from cachesvc.configfile import ConfigError, Duration, check_server_endpoint, label, shown
 from cachesvc.purge.paths import PathPolicy, Refused
 from cachesvc.purge.zones import VARIABLE, VARIABLES, Zone
 
@@ -113,26 +113,26 @@ def _check_roots(roots: Sequence[str], source: str | None) -> tuple[str, ...]:
     for i, root in enumerate(roots):
         where = label(f"purge.roots[{i}]", source)
         if not root.startswith("/"):
-            raise ConfigError(f"{where}: {root!r} is relative; give the absolute path of the cache directory")
+            raise ConfigError(f"{where}: {shown(root)} is relative; give the absolute path of the cache directory")
         norm = os.path.normpath(root)
         if norm.startswith("//"):
             norm = "/" + norm.lstrip("/")
         if norm == "/":
             raise ConfigError(
-                f"{where}: {root!r} would let clients delete the whole filesystem; name the cache directory"
+                f"{where}: {shown(root)} would let clients delete the whole filesystem; name the cache directory"
             )
         if not os.path.isdir(norm):
             what = "does not exist" if not os.path.exists(norm) else "is not a directory"
-            raise ConfigError(f"{where}: {root!r} {what}; create it (owned by the nginx user) or fix the path")
+            raise ConfigError(f"{where}: {shown(root)} {what}; create it (owned by the nginx user) or fix the path")
         real = os.path.realpath(norm)
         if real != norm:
             what = "is a symlink" if os.path.islink(norm) else "passes through a symlink"
             raise ConfigError(
-                f"{where}: {root!r} {what} (to {real}); purges never follow symlinks, so give the real path, "
+                f"{where}: {shown(root)} {what} (to {real}); purges never follow symlinks, so give the real path, "
                 f"e.g. {real}"
             )
         if norm in normalised:
-            raise ConfigError(f"{where}: {root!r} is listed twice")
+            raise ConfigError(f"{where}: {shown(root)} is listed twice")
         normalised.append(norm)
     return tuple(normalised)
 
@@ -142,28 +142,28 @@ def _check_trash(trash_dir: str | None, roots: Sequence[str], source: str | None
     where = label("purge.trash_dir", source)
     trash = trash_dir or os.path.join(roots[0], ".cachesvc-trash")
     if not trash.startswith("/"):
-        raise ConfigError(f"{where}: {trash!r} is relative; give an absolute path on the cache's filesystem")
+        raise ConfigError(f"{where}: {shown(trash)} is relative; give an absolute path on the cache's filesystem")
     trash = os.path.normpath(trash)
     for root in roots:
         if trash == root or root.startswith(trash + "/"):
             raise ConfigError(
-                f"{where}: {trash!r} would contain the cache root {root}; use e.g. {root}/.cachesvc-trash"
+                f"{where}: {shown(trash)} would contain the cache root {root}; use e.g. {root}/.cachesvc-trash"
             )
         if trash.startswith(root + "/") and os.path.dirname(trash) != root:
             raise ConfigError(
-                f"{where}: {trash!r} is inside a cache zone, where nginx's cache loader deletes foreign files; "
+                f"{where}: {shown(trash)} is inside a cache zone, where nginx's cache loader deletes foreign files; "
                 f"use a direct child of the root such as {root}/.cachesvc-trash"
             )
     parent = os.path.dirname(trash)
     if not os.path.isdir(parent):
-        raise ConfigError(f"{where}: the parent of {trash!r} does not exist; create it or choose another path")
+        raise ConfigError(f"{where}: the parent of {shown(trash)} does not exist; create it or choose another path")
     if os.path.islink(trash) or (os.path.exists(trash) and not os.path.isdir(trash)):
         raise ConfigError(
-            f"{where}: {trash!r} exists and is not a plain directory; remove it or choose another path"
+            f"{where}: {shown(trash)} exists and is not a plain directory; remove it or choose another path"
         )
     if os.path.isdir(trash) and os.lstat(trash).st_mode & 0o022:
         raise ConfigError(
-            f"{where}: {trash!r} is writable by group or others, who could plant what the daemon deletes; "
+            f"{where}: {shown(trash)} is writable by group or others, who could plant what the daemon deletes; "
             f"chmod 700 {trash} (or remove it: the daemon creates it with mode 0700)"
         )
     return trash
@@ -176,21 +176,23 @@ def check_zone(zone: ZoneConfig, roots: Sequence[str]) -> Zone:
     levels = zone.levels.split(":") if zone.levels else []
     if len(levels) > 3 or any(n not in ("1", "2") for n in levels):
         raise ValueError(
-            f"levels: {zone.levels!r} is not nginx syntax; write up to three 1s or 2s joined by ':', e.g. 1:2"
+            f"levels: {shown(zone.levels)} is not nginx syntax; write up to three 1s or 2s joined by ':', e.g. 1:2"
         )
     for m in VARIABLE.finditer(zone.key):
         name = m.group(1) or m.group(2)
         if name not in VARIABLES:
             raise ValueError(f"key: ${name} is not supported; use {', '.join('$' + v for v in VARIABLES)}")
     if "$" in VARIABLE.sub("", zone.key):
-        raise ValueError(f"key: {zone.key!r} has a '$' that is not a variable")
+        raise ValueError(f"key: {shown(zone.key)} has a '$' that is not a variable")
     if not zone.methods or any(not m.isalpha() for m in zone.methods):
-        raise ValueError(f"methods: {zone.methods!r}; list HTTP methods, e.g. [GET, HEAD]")
+        raise ValueError(f"methods: {shown(zone.methods)}; list HTTP methods, e.g. [GET, HEAD]")
     sample = zone.path.replace("{host}", "example.com")
     try:
         PathPolicy(roots).target(sample.encode())
     except Refused as e:
-        raise ValueError(f"path: {zone.path!r} is not below a cache root ({e}); e.g. {roots[0]}/{{host}}") from None
+        raise ValueError(
+            f"path: {shown(zone.path)} is not below a cache root ({shown(str(e))}); e.g. {roots[0]}/{{host}}"
+        ) from None
     return Zone(
         frozenset(h.lower() for h in zone.hosts),
         zone.path.rstrip("/"),
