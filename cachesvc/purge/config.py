@@ -191,7 +191,7 @@ def check_zone(zone: ZoneConfig, roots: Sequence[str]) -> Zone:
         PathPolicy(roots).target(sample.encode())
     except Refused as e:
         raise ValueError(
-            f"path: {shown(zone.path)} is not below a cache root ({shown(str(e))}); e.g. {roots[0]}/{{host}}"
+            f"path: {shown(zone.path)} is not below a cache root ({e}); e.g. {roots[0]}/{{host}}"
         ) from None
     return Zone(
         frozenset(h.lower() for h in zone.hosts),
