@@ -5,6 +5,7 @@ The twistd plugin, ``cachesvc.tac`` and the tests all call it, so they run the s
     MultiService
       purge          PurgeService (its port and worker threads)     when purge: is configured
       redis          RedisClient (the pool, closed on stop)         when eg_config is set
+      discovery      the registry watcher (scheduler and /status)
       http-api       the Cache Daemon API's port
       metrics        the Prometheus port
       scheduler      the recache loop (added last, so it stops first)
@@ -31,8 +32,10 @@ from cachesvc.config import Settings
 from cachesvc.metrics import Metrics, metrics_site
 from cachesvc.purge.config import PurgeSettings
 from cachesvc.purge.service import PurgeService
+from cachesvc.recache.discovery import Discovery
 from cachesvc.recache.dispatch import Dispatcher, pooled_client
 from cachesvc.recache.ledger import Ledger
+from cachesvc.recache.pubsub import RedisPubSub
 from cachesvc.recache.redisclient import RedisClient
 from cachesvc.recache.scheduler import Scheduler
 from cachesvc.recache.settings import RecacheSettings
@@ -97,9 +100,12 @@ def recache_services(settings: RecacheSettings, reactor: Any) -> list[IService]:
     store = Store(redis)
     ledger = Ledger(redis, settings.daemon_id, settings.lease, reactor)
     state = SchedulerState(started_at=reactor.seconds(), max_size=settings.max_size)
-    services: list[IService] = [redis]
+    deadline = min(3.0, settings.request_timeout)  # the pub/sub connection's, as the pool's
+    pubsub = RedisPubSub(settings.redis_addr, settings.redis_password, settings.redis_db, reactor, timeout=deadline)
+    registry = Discovery(store, pubsub, settings.redis_db, reactor, timeout=deadline)
+    services: list[IService] = [redis, registry]
     if settings.api_enabled:
-        resource = api_resource(settings, store, ledger, state, reactor, metrics)
+        resource = api_resource(settings, store, ledger, state, reactor, metrics, registry=registry)
         services.append(_named(strports.service(settings.api_listen, api_site(settings, resource), reactor=reactor),
                                "http-api"))
     else:
@@ -109,7 +115,7 @@ def recache_services(settings: RecacheSettings, reactor: Any) -> list[IService]:
         services.append(_named(strports.service(settings.metrics_listen, site, reactor=reactor), "metrics"))
     client, pool = pooled_client(reactor, settings.max_size)
     dispatcher = Dispatcher(client, reactor, settings.edge.auth_key, settings.timeout_per_url, pool)
-    services.append(Scheduler(settings, store, ledger, dispatcher, state, reactor, metrics))
+    services.append(Scheduler(settings, store, ledger, dispatcher, state, reactor, metrics, registry))
     return services
 
 

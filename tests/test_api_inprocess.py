@@ -28,8 +28,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from cachesvc import config
 from cachesvc.api.routes import api_resource, api_site
+from cachesvc.recache.discovery import Discovery
 from cachesvc.recache.keys import PRIORITIES, RS_REGISTRY
 from cachesvc.recache.ledger import Budget, Ledger
+from cachesvc.recache.pubsub import RedisPubSub
 from cachesvc.recache.redisclient import RedisClient, RedisUnavailable
 from cachesvc.recache.registry import format_go_time
 from cachesvc.recache.settings import RecacheSettings
@@ -123,6 +125,19 @@ class FakeStore:
         return [name for name, _ in self.calls]
 
 
+class FakeRegistry:
+    """The registry watcher as /status reads it: the store double's Render Services."""
+
+    def __init__(self, store: FakeStore) -> None:
+        self.store = store
+
+    def render_services(self, catch_up: bool = False) -> Deferred[list[bytes]]:
+        return self.store.registry_values(RS_REGISTRY)
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": "notifications"}
+
+
 class FakeLedger:
     def __init__(self, budget: Budget) -> None:
         self.answer = budget
@@ -144,7 +159,8 @@ class Api:
         self.ledger = FakeLedger(Budget(budget=13, unreflected=1, online=20, in_flight=4))
         self.state = SchedulerState(started_at=NOW - 90.5, max_size=self.settings.max_size)
         self.resource = api_resource(self.settings, self.store, self.ledger, self.state, self.clock,  # type: ignore[arg-type]
-                                     metrics=None, compute=lambda work: maybeDeferred(work))
+                                     metrics=None, compute=lambda work: maybeDeferred(work),
+                                     registry=FakeRegistry(self.store))
         self.stub = StubTreq(self.resource)
 
     def call(self, method: bytes, path: str, body: bytes | dict[str, Any] | None = None, key: str | None = KEY,
@@ -421,7 +437,8 @@ def test_status_shape_and_the_budget_from_the_ledger(api: Api) -> None:
     assert api.ledger.asked == [(105, 30, NOW - 2)]
     zero = b'{"total":0,"due_now":0}'
     assert raw == (
-        b'{"daemon":{"daemon_id":"cd-test","uptime_seconds":90,"last_tick":"2025-12-31T23:59:59Z"},'
+        b'{"daemon":{"daemon_id":"cd-test","uptime_seconds":90,"last_tick":"2025-12-31T23:59:59Z",'
+        b'"discovery":{"mode":"notifications"}},'
         b'"internal_queue":{"size":4,"max_size":1000,"capacity_used_percent":0.4},'
         b'"rs_capacity":{"total_free_tabs":120,"reserved_for_online":36,"available_for_recache":84,'
         b'"reservation_percent":30,"capacity_line":105,"recache_budget":13,"in_flight":4},'
@@ -488,8 +505,10 @@ class RealApi:
         self.store = Store(self.redis)
         self.ledger = Ledger(self.redis, "cd-test", self.settings.lease, global_reactor)
         self.state = SchedulerState(started_at=global_reactor.seconds(), max_size=self.settings.max_size)
+        self.registry = Discovery(self.store, RedisPubSub(redis_addr, "", 0, global_reactor), 0, global_reactor)
+        self.registry.startService()
         resource = api_resource(self.settings, self.store, self.ledger, self.state, global_reactor,
-                                compute=lambda work: maybeDeferred(work))
+                                compute=lambda work: maybeDeferred(work), registry=self.registry)
         self.port = global_reactor.listenTCP(0, api_site(self.settings, resource), interface="127.0.0.1")
         self.base = f"http://127.0.0.1:{self.port.getHost().port}"
 
@@ -505,6 +524,7 @@ class RealApi:
 
     async def close(self) -> None:
         await maybeDeferred(self.port.stopListening)
+        await maybeDeferred(self.registry.stopService)
         await maybeDeferred(self.redis.stopService)
 
 

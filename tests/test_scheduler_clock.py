@@ -1,7 +1,8 @@
 """The Scheduler in-process: a ``Clock`` and in-memory doubles of the store, ledger and dispatcher.
 
-The doubles implement exactly what the scheduler calls (``store.registry_values``, ``registered``,
-``values``, ``queue_counts``; ``ledger.claim``, ``settle``, ``reap``; ``dispatcher.send``,
+The doubles implement exactly what the scheduler calls (``store.queue_counts``; the registry
+watcher's ``refresh`` and ``render_services``, played by the store double over its ``registry_values``,
+``registered`` and ``values``; ``ledger.claim``, ``settle``, ``reap``; ``dispatcher.send``,
 ``close``) and record every call, so each test can hold a step open with an unfired Deferred and
 look at what the scheduler did around it.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
+from twisted.internet.defer import Deferred, TimeoutError, fail, inlineCallbacks, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -72,6 +73,15 @@ class FakeStore:
         seen = format_go_time(self.clock.seconds())
         rs = {"id": "rs-1", "capacity": self.capacity, "load": self.load, "last_seen": seen}
         return succeed([json.dumps(rs).encode() for n in names if n == b"service:render:rs-1"])
+
+    @inlineCallbacks
+    def refresh(self) -> Any:  # the registry watcher's read on every tick
+        gateways = yield self.registry_values(EG_REGISTRY)
+        names = yield self.registered(RS_REGISTRY)
+        return gateways, (yield self.values(names))
+
+    def render_services(self) -> Deferred[list[bytes]]:  # and on every refill
+        return self.values([b"service:render:rs-1"])
 
     def queue_counts(self, host_ids: list[int], now: int) -> Deferred[dict[int, dict[str, QueueCount]]]:
         self.calls.append(("queue_counts", (list(host_ids), now)))
@@ -182,7 +192,7 @@ class Harness:
         self.dispatcher = FakeDispatcher()
         self.state = SchedulerState(started_at=T0, max_size=settings.max_size)
         self.scheduler = Scheduler(settings, self.store, self.ledger, self.dispatcher, self.state,  # type: ignore[arg-type]
-                                   self.clock, Metrics())
+                                   self.clock, Metrics(), self.store)
 
     def start(self) -> None:
         self.scheduler.startService()

@@ -13,6 +13,7 @@ from cachesvc.api.queues import Queues
 from cachesvc.api.status import Status
 from cachesvc.api.writes import Compute, Writes
 from cachesvc.metrics import Metrics
+from cachesvc.recache.discovery import IRegistry
 from cachesvc.recache.ledger import Ledger
 from cachesvc.recache.settings import RecacheSettings
 from cachesvc.recache.state import SchedulerState
@@ -32,14 +33,17 @@ def api_resource(
     reactor: Any,
     metrics: Metrics | None = None,
     compute: Compute[Any] | None = None,
+    *,
+    registry: IRegistry,
 ) -> ApiResource:
-    """The resource behind every path; *compute* defaults to the reactor's thread pool."""
+    """The resource behind every path; *compute* defaults to the reactor's thread pool; ``/status`` reads
+    the Render Services through *registry* (the scheduler's :class:`~cachesvc.recache.discovery.Discovery`)."""
     compute = compute or in_threads(reactor)
     edge = settings.edge
     writes = Writes(edge, store, reactor, settings.high_queue_limit, compute)
     listings = Listings(edge, store, reactor)
     queues = Queues(edge, store, reactor, compute)
-    status = Status(settings, store, ledger, state, reactor)
+    status = Status(settings, store, ledger, state, reactor, registry)
     routes: dict[tuple[bytes, bytes], Handler] = {
         (b"POST", b"/internal/cache/recache"): writes.recache,
         (b"POST", b"/internal/cache/invalidate"): writes.invalidate,

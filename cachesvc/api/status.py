@@ -1,7 +1,9 @@
 """``/status``, ``/healthz`` and the scheduler's pause and resume.
 
 ``/status`` asks the claim script for the budget (:meth:`Ledger.budget`), the one computation the
-scheduler claims by, so the figure shown is the figure used.
+scheduler claims by, so the figure shown is the figure used. The Render Services are the keys the
+registry watcher knows, re-read with one MGET (never a SCAN of the keyspace); how it discovers them
+is the last field of ``daemon``, ``discovery``.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from cachesvc.api.http import ApiError, Raw, envelope
+from cachesvc.recache.discovery import IRegistry
 from cachesvc.recache.gojson import encode_object
-from cachesvc.recache.keys import PRIORITIES, RS_REGISTRY
+from cachesvc.recache.keys import PRIORITIES
 from cachesvc.recache.ledger import Ledger
 from cachesvc.recache.registry import Capacity, capacity_line, format_go_time, healthy_services
 from cachesvc.recache.settings import RecacheSettings
@@ -27,9 +30,11 @@ class Status:
     log = Logger()
 
     def __init__(
-        self, settings: RecacheSettings, store: Store, ledger: Ledger, state: SchedulerState, clock: Any
+        self, settings: RecacheSettings, store: Store, ledger: Ledger, state: SchedulerState, clock: Any,
+        registry: IRegistry,
     ) -> None:
         self.settings = settings
+        self.registry = registry
         self.store = store
         self.ledger = ledger
         self.state = state
@@ -39,7 +44,7 @@ class Status:
     def status(self, request: Request) -> Generator[Deferred[Any], Any, Raw]:
         now = self.clock.seconds()
         reserved = self.settings.rs_capacity_reserved
-        services = healthy_services((yield self.store.registry_values(RS_REGISTRY)), now)
+        services = healthy_services((yield self.registry.render_services(catch_up=True)), now)
         capacity = Capacity.of(services, reserved)
         line = capacity_line(services, reserved)
         snapshot = min((s.last_seen for s in services), default=now)
@@ -55,7 +60,8 @@ class Status:
         }
         return Raw(encode_object([
             ("daemon", {"daemon_id": self.settings.daemon_id, "uptime_seconds": int(now - self.state.started_at),
-                        "last_tick": format_go_time(self.state.last_tick)}),
+                        "last_tick": format_go_time(self.state.last_tick),
+                        "discovery": self.registry.describe()}),
             ("internal_queue", {"size": size, "max_size": max_size,
                                 "capacity_used_percent": float(size) / max_size * 100 if max_size else 0.0}),
             ("rs_capacity", {"total_free_tabs": capacity.total_free, "reserved_for_online": capacity.reserved,

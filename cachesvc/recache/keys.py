@@ -14,6 +14,8 @@ cachesvc's own, shared by every cachesvc daemon on the Redis (none collide with 
 ``cachesvc:inflight:meta``     HASH  id -> "score|attempts|daemon|claimed_at"
 ``cachesvc:attempts``          HASH  id -> failed attempts so far (kept across retries)
 ``cachesvc:deadletter:{host}`` HASH  id -> JSON {reason, attempts, failed_at}
+``cachesvc:discovery:probe:{token}``  STRING  written once per pub/sub (re)connect when CONFIG is
+                                      refused, to see whether keyspace notifications flow (PX 10 s)
 
 where id = queue key + "\\n" + member bytes.
 """
@@ -22,8 +24,12 @@ from __future__ import annotations
 
 PRIORITIES = ("high", "normal", "autorecache")
 
-EG_REGISTRY = "registry:eg:*"
-RS_REGISTRY = "service:render:*"
+EG_PREFIX = "registry:eg:"
+RS_PREFIX = "service:render:"
+EG_REGISTRY = EG_PREFIX + "*"
+RS_REGISTRY = RS_PREFIX + "*"
+REGISTRY_PREFIXES = (EG_PREFIX, RS_PREFIX)
+PROBE_PREFIX = "cachesvc:discovery:probe:"
 
 INFLIGHT = "cachesvc:inflight"
 STARTED = "cachesvc:inflight:started"
@@ -54,3 +60,18 @@ def meta_pattern(host_id: int) -> str:
 def deadletter_key(host_id: int) -> str:
     """Entries that will not be retried, field = queue key + "\\n" + member."""
     return f"cachesvc:deadletter:{host_id}"
+
+
+def _covering_match(first: str, second: str) -> str:
+    """A SCAN MATCH glob that both prefixes' keys match: the two spelled side by side, ``[ab]`` where they differ."""
+    return "".join(a if a == b else f"[{a}{b}]" for a, b in zip(first, second, strict=False)) + "*"
+
+
+REGISTRY_MATCH = _covering_match(EG_PREFIX, RS_PREFIX)
+"""One SCAN MATCH for both registries (``[rs]e[gr][iv]…*``): one pass of the keyspace finds both, and the
+few other keys it lets through are dropped by prefix. ``meta:cache:*`` keys never match."""
+
+
+def keyspace_channel(db: int, key_pattern: str) -> str:
+    """The keyspace-notification channel (or channel pattern) of *key_pattern* in database *db*."""
+    return f"__keyspace@{db}__:{key_pattern}"

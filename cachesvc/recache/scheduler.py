@@ -1,6 +1,7 @@
 """The recache scheduler: due entries to Edge Gateways, within the render capacity online traffic leaves.
 
-Each tick reads both registries (SCAN, never KEYS), returns expired leases to their queues, and
+Each tick re-reads both registries (the keys the registry watcher knows, one MGET: never a SCAN of the
+keyspace, see :mod:`cachesvc.recache.discovery`), returns expired leases to their queues, and
 claims as much due work as the budget allows; every finished request triggers a refill, so the
 Render Services stay at the capacity line between ticks instead of idling until the next one.
 High-priority queues are considered on every claim; normal and autorecache at least every
@@ -19,9 +20,10 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from cachesvc.metrics import Metrics
+from cachesvc.recache.discovery import IRegistry
 from cachesvc.recache.dispatch import GatewayPicker, IDispatcher, gateways_from_registry
 from cachesvc.recache.gojson import GoJSONError
-from cachesvc.recache.keys import EG_REGISTRY, PRIORITIES, RS_REGISTRY
+from cachesvc.recache.keys import PRIORITIES
 from cachesvc.recache.ledger import Claim, Ledger
 from cachesvc.recache.members import decode_member
 from cachesvc.recache.redisclient import RedisError, RedisUnavailable
@@ -44,8 +46,10 @@ class Scheduler(Service):
         state: SchedulerState,
         reactor: Any,
         metrics: Metrics,
+        registry: IRegistry,
     ) -> None:
         self.settings = settings
+        self.registry = registry
         self.store = store
         self.ledger = ledger
         self.dispatcher = dispatcher
@@ -71,7 +75,6 @@ class Scheduler(Service):
         self._normal_due_at = 0.0  # first normal check on the first tick
         self._normal_active = False
         self._outage: str | None = None
-        self._rs_keys: list[bytes] = []
         self._stopping = False
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -217,10 +220,9 @@ class Scheduler(Service):
 
     @inlineCallbacks
     def _discover(self) -> Generator[Deferred[Any], Any, None]:
-        eg_values = yield self.store.registry_values(EG_REGISTRY)
-        self.gateways.update(gateways_from_registry(eg_values))
-        self._rs_keys = yield self.store.registered(RS_REGISTRY)
-        yield self._reread_render_services()
+        gateways, render_services = yield self.registry.refresh()
+        self.gateways.update(gateways_from_registry(gateways))
+        self._use_render_services(render_services)
         reaped = yield self.ledger.reap()
         if reaped:
             self.log.warn("returned {n} entries whose lease expired (a daemon stopped mid-request) to their queues",
@@ -231,7 +233,9 @@ class Scheduler(Service):
 
     @inlineCallbacks
     def _reread_render_services(self) -> Generator[Deferred[Any], Any, None]:
-        values = yield self.store.values(self._rs_keys)
+        self._use_render_services((yield self.registry.render_services()))
+
+    def _use_render_services(self, values: list[bytes]) -> None:
         services = healthy_services(values, self.reactor.seconds())
         self._line = capacity_line(services, self.settings.rs_capacity_reserved)
         self._load = sum(s.load for s in services)

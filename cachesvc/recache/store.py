@@ -21,7 +21,7 @@ SCAN_COUNT = 500
 SCAN_ROUNDS = 4  # per invalidate-all script call: at most 2,000 keys
 DELETE_CHUNK = 1000
 ENQUEUE_CHUNK = 1000
-REGISTRY_SCAN_COUNT = 1000
+_REGISTRY_PREFIXES = tuple(p.encode() for p in keys.REGISTRY_PREFIXES)
 
 ENQUEUE = Script("enqueue")
 DELETE_EACH = Script("delete_each")
@@ -160,30 +160,41 @@ class Store:
         ]
         return QueuePage(int(reply[0]), entries)
 
-    @inlineCallbacks
-    def registered(self, pattern: str) -> Generator[Deferred[Any], Any, list[bytes]]:
-        """Every registry key matching *pattern*, by SCAN (never KEYS), sorted."""
-        cursor, found = b"0", []
-        while True:
-            cursor, batch = yield self.redis.call("SCAN", cursor, "MATCH", pattern, "COUNT", REGISTRY_SCAN_COUNT)
-            found += batch
-            if _done(cursor):
-                return sorted(found)
+    # --- the registries (read by cachesvc.recache.discovery; never a whole-keyspace SCAN in one go) ---
 
     @inlineCallbacks
-    def values(self, names: Sequence[bytes | str]) -> Generator[Deferred[Any], Any, list[bytes]]:
-        """The values of string keys *names* that exist (one MGET; a missing key is left out)."""
+    def scan_registries(self, cursor: bytes, count: int) -> Generator[Deferred[Any], Any, tuple[bytes, list[bytes]]]:
+        """One SCAN step of about *count* keys: ``(next cursor, registry keys among them)``; cursor ``0`` = done."""
+        cursor, batch = yield self.redis.call("SCAN", cursor, "MATCH", keys.REGISTRY_MATCH, "COUNT", count)
+        return cursor, [k for k in batch if k.startswith(_REGISTRY_PREFIXES)]
+
+    @inlineCallbacks
+    def read_keys(self, names: Sequence[bytes]) -> Generator[Deferred[Any], Any, list[bytes | None]]:
+        """The values of string keys *names*, in order, None for a key that does not exist (one MGET)."""
         if not names:
             return []
-        found = yield self.redis.call("MGET", *names)
-        return [v for v in found if v]
+        found: list[bytes | None] = yield self.redis.call("MGET", *names)
+        return found
 
     @inlineCallbacks
-    def registry_values(self, pattern: str) -> Generator[Deferred[Any], Any, list[bytes]]:
-        """Values of every registry key matching *pattern* (a handful of keys)."""
-        names = yield self.registered(pattern)
-        found: list[bytes] = yield self.values(names)
-        return found
+    def key_count(self) -> Generator[Deferred[Any], Any, int]:
+        """Keys in the database (DBSIZE, O(1)): what sizes the steps of a paced scan."""
+        count = yield self.redis.call("DBSIZE")
+        return int(count)
+
+    @inlineCallbacks
+    def notify_flags(self) -> Generator[Deferred[Any], Any, str]:
+        """The server's ``notify-keyspace-events``; fails with RedisError where CONFIG is refused."""
+        reply = yield self.redis.call("CONFIG", "GET", "notify-keyspace-events")
+        value = reply[1] if len(reply) > 1 else b""
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def set_notify_flags(self, flags: str) -> Deferred[Any]:
+        return self.redis.call("CONFIG", "SET", "notify-keyspace-events", flags)
+
+    def write_probe(self, name: str, ms: int) -> Deferred[Any]:
+        """A short-lived key whose keyspace notification shows that notifications flow."""
+        return self.redis.call("SET", name, "1", "PX", ms)
 
     @inlineCallbacks
     def deadletter_counts(self, host_ids: Sequence[int]) -> Generator[Deferred[Any], Any, dict[int, int]]:
