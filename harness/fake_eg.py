@@ -67,7 +67,9 @@ class FakeEG:
         ).read()
 
     def events(self, kind: str = "start") -> list[dict[str, Any]]:
-        return [e for e in map(json.loads, self.log.read_text().splitlines()) if e["event"] == kind]
+        # The gateway may be writing a line right now: only complete lines count.
+        lines = self.log.read_text().split("\n")[:-1]
+        return [e for e in map(json.loads, lines) if e["event"] == kind]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
