@@ -142,7 +142,7 @@ class Scheduler(Service):
             self._refill_pending = True
             self.reactor.callLater(0, self._refill)
 
-    def _cycle(self, full: bool) -> Deferred[None]:
+    def _cycle(self, full: bool) -> Deferred[Any]:
         if self._busy:
             # Served by one more cycle when this one ends; a tick's full work (discovery, reaping,
             # queue depths) is never downgraded to a refill.
@@ -171,8 +171,8 @@ class Scheduler(Service):
         if not self.state.paused and not self._stopping and self.running:
             self._cycle(full=True)
 
-    def _redis_ok(self, _: Any) -> None:
-        if self._outage is not None:
+    def _redis_ok(self, answered: bool) -> None:
+        if answered and self._outage is not None:
             self.log.info("Redis answers again; scheduling resumed")
             self._outage = None
 
@@ -183,23 +183,24 @@ class Scheduler(Service):
             self.log.error("Redis unavailable, scheduling paused until it answers: {reason}", reason=self._outage)
 
     @inlineCallbacks
-    def _claim_and_send(self, full: bool) -> Generator[Deferred[Any], Any, None]:
+    def _claim_and_send(self, full: bool) -> Generator[Deferred[Any], Any, bool]:
+        """One cycle; fires with whether Redis answered anything in it (a sign it is back after an outage)."""
         if full:
             yield self._discover()
         if self._settling:
             # Answers still being recorded: the registry already dropped them from its load while the
             # ledger still counts them, which would under-state online traffic. Each settle, once
             # recorded, asks for a refill.
-            return
+            return full
         if not full:
             yield self._reread_render_services()
         if self.state.paused or self._stopping:
-            return  # paused (or stopping) while discovery ran: claim nothing
+            return True  # paused (or stopping) while discovery ran: claim nothing
         if not self.gateways.usable or not self.host_ids:
-            return
+            return True
         limit = self.settings.max_size - len(self._inflight)
         if self._line <= 0 or limit <= 0:
-            return
+            return True
         now = self.reactor.seconds()
         normal = now >= self._normal_due_at or self._normal_active
         first = self._rotation % len(self.host_ids)
@@ -217,6 +218,7 @@ class Scheduler(Service):
                 self._claims[claim.id] = claim
             else:
                 self._start(claim)
+        return True
 
     @inlineCallbacks
     def _discover(self) -> Generator[Deferred[Any], Any, None]:
