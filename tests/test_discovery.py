@@ -408,6 +408,31 @@ def test_an_unanswered_ping_drops_the_link_and_reconnects() -> None:
     assert w.discovery.describe()["subscriptions"] == 2 and w.discovery.mode == NOTIFICATIONS
 
 
+def test_a_surprise_while_subscribing_or_checking_is_logged_and_never_stops_the_watcher(logged: list[str]) -> None:
+    w = Watched()
+    attempts: list[int] = []
+    connect = w.pubsub.connect
+
+    def surprising(on_message: Any) -> Deferred[FakeLink]:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ValueError("surprise")
+        return connect(on_message)
+
+    w.pubsub.connect = surprising  # type: ignore[method-assign]
+    w.start()
+    w.run(1.5)
+    assert len(attempts) == 2 and w.discovery.mode == NOTIFICATIONS
+    assert any("subscribing failed" in line for line in logged)
+
+    def broken() -> Deferred[str]:
+        raise ValueError("surprise")
+
+    w.keyspace.notify_flags = broken  # type: ignore[method-assign]
+    w.run(25)
+    assert w.discovery._checks.running and any("check failed" in line for line in logged)
+
+
 def test_reads_wait_for_the_first_pass_and_fail_at_once_while_redis_is_down() -> None:
     w = Watched(down=True)
     w.start()
@@ -476,9 +501,10 @@ async def wait_for(check: Any, timeout: float, what: str) -> float:
 class Real:
     """A started Discovery over a real RedisClient."""
 
-    def __init__(self, addr: str) -> None:
-        self.redis = RedisClient(addr, "", 0, global_reactor, timeout=3.0)
-        self.discovery = Discovery(Store(self.redis), RedisPubSub(addr, "", 0, global_reactor), 0, global_reactor)
+    def __init__(self, addr: str, password: str = "") -> None:
+        self.redis = RedisClient(addr, password, 0, global_reactor, timeout=3.0)
+        self.discovery = Discovery(Store(self.redis), RedisPubSub(addr, password, 0, global_reactor), 0,
+                                   global_reactor)
         self.discovery.startService()
 
     async def gateways(self) -> list[bytes]:
@@ -591,5 +617,19 @@ async def test_real_redis_restart_resubscribes_and_runs_a_full_pass(own_redis: A
         assert await real.gateways() == [b"registered while the watcher was away"]
         client.set(EG2, b"after", ex=60)
         await wait_for(lambda: real.discovery.describe()["gateway_keys"] == 2, 2, "notified again")
+    finally:
+        await real.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_redis_a_refused_password_is_reported_and_retried_until_fixed(own_redis: Any) -> None:
+    server, client = own_redis
+    client.config_set("requirepass", "right")
+    real = Real(server.addr, password="wrong")
+    try:
+        await wait_for(lambda: "no pub/sub connection" in real.discovery.detail, 10, "the refusal reported")
+        assert "WRONGPASS" in real.discovery.detail or "auth" in real.discovery.detail.lower(), real.discovery.detail
+        client.config_set("requirepass", "wrong")  # fixed on the Redis side
+        await wait_for(lambda: real.discovery.mode == NOTIFICATIONS, 15, "subscribed once the password works")
     finally:
         await real.close()

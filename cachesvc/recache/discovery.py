@@ -318,7 +318,9 @@ class Discovery(Service):
             self._drop(link)
             self._use_scan(str(e), retry=RECHECK_INTERVAL)
             return
-        except (RedisUnavailable, RedisError) as e:
+        except Exception as e:  # RedisUnavailable, RedisError, or a surprise: either way, try again later
+            if not isinstance(e, (RedisUnavailable, RedisError)):
+                self.log.failure("registry discovery: subscribing failed")
             self._drop(link)
             self._use_scan(f"no pub/sub connection ({e})", retry=self._next_backoff())
             return
@@ -382,6 +384,9 @@ class Discovery(Service):
                 link.close()
             return
         except RedisError:
+            return  # CONFIG refused since: the flags cannot be checked; the link itself answered
+        except Exception:
+            self.log.failure("registry discovery check failed")  # caught: a LoopingCall stops on a failure
             return
         if current is not None and missing_flags(current, NEEDED_FLAGS) and self._link is link:
             self.log.warn("notify-keyspace-events became {current!r}: registry writes go unannounced; resubscribing",
