@@ -330,7 +330,9 @@ def test_redis_killed_and_restarted_mid_drain(tmp_path: Path) -> None:
         s.daemon()
         wait_until(lambda: len(eg.events("end")) > 30, 20, "drain under way")
         server.stop()  # Redis has no persistence here: what was queued is gone with it
-        time.sleep(2)
+        # Longer than a Redis call's deadline (3 s): calls wait that long for a reconnect, so a shorter
+        # outage may pass without one failing, and then nothing is "unavailable" to log.
+        time.sleep(5)
         lost_with_redis = set(urls) - delivered(eg)
         server.start()
         client.zadd(NORMAL, {member(u): int(time.time()) for u in lost_with_redis})  # the writer re-sends
