@@ -37,8 +37,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.daemon import Daemon, free_port  # noqa: E402
 from harness.redis_server import RedisServer  # noqa: E402
+from harness.samples import Samples, outcomes, pct  # noqa: E402
 
 KEY = "flood-bench-key"
 HOST_ID = 1
@@ -56,19 +55,6 @@ HEALTHZ_EVERY = 0.050
 TIMEOUT = 10.0
 FLOOD_BYTES = 65536  # per second
 PATTERNS = {"burst": (FLOOD_BYTES, 1.0), "paced": (4096, 1.0 / 16)}  # (bytes per write, seconds between)
-
-
-@dataclass
-class Samples:
-    latencies: list[float] = field(default_factory=list)  # seconds, answered calls only
-    outcomes: Counter[str] = field(default_factory=Counter)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, outcome: str, seconds: float | None) -> None:
-        with self.lock:
-            self.outcomes[outcome] += 1
-            if seconds is not None:
-                self.latencies.append(seconds)
 
 
 class Prober(threading.Thread):
@@ -163,19 +149,6 @@ def flood_process(port: int, seconds: float, pattern: str, results: Any) -> None
     if sock is not None:
         sock.close()
     results.put({"sent": sent, "replies": replies, "connections": connections, "blocked writes": refused_writes})
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile of *values* (seconds), in ms; NaN when empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), -(-len(ordered) * p // 100)))
-    return ordered[int(rank) - 1] * 1000
-
-
-def outcomes(c: Counter[str]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "none"
 
 
 def main() -> None:

@@ -39,7 +39,6 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ import redis as redis_py  # noqa: E402
 
 from harness.daemon import Daemon, free_port  # noqa: E402
 from harness.redis_server import RedisServer  # noqa: E402
+from harness.samples import Samples, mean_ms, outcomes, pct  # noqa: E402
 
 KEY = "stall-bench-key"
 HOST_ID = 1
@@ -88,19 +88,6 @@ def fill_queue(port: int, entries: int) -> float:
 
 
 # --- samplers ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Samples:
-    latencies: list[float] = field(default_factory=list)  # seconds, answered calls only
-    outcomes: Counter[str] = field(default_factory=Counter)  # "200", "503", "timeout", "error", ...
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, outcome: str, seconds: float | None) -> None:
-        with self.lock:
-            self.outcomes[outcome] += 1
-            if seconds is not None:
-                self.latencies.append(seconds)
 
 
 class PurgeClient(threading.Thread):
@@ -209,23 +196,6 @@ def healthz_loop(port: int, stop: threading.Event, samples: Samples) -> None:
 
 
 # --- figures -------------------------------------------------------------------------------------
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile of *values* (seconds), in ms; NaN when empty."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), -(-len(ordered) * p // 100)))
-    return ordered[int(rank) - 1] * 1000
-
-
-def mean_ms(samples: Samples) -> float:
-    return sum(samples.latencies) / len(samples.latencies) * 1000 if samples.latencies else float("nan")
-
-
-def outcomes(c: Counter[str]) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "none"
 
 
 def main() -> None:
