@@ -95,12 +95,12 @@ def purge_service(settings: PurgeSettings, reactor: Any) -> PurgeService:
 def recache_services(settings: RecacheSettings, reactor: Any) -> list[IService]:
     """The Cache Daemon's services, in start order: Redis, the API and metrics ports, then the scheduler."""
     metrics = Metrics(settings.metrics_namespace)
+    deadline = min(3.0, settings.request_timeout)  # of every Redis call, pool and pub/sub connection alike
     redis = RedisClient(settings.redis_addr, settings.redis_password, settings.redis_db, reactor,
-                        timeout=min(3.0, settings.request_timeout), metrics=metrics)
+                        timeout=deadline, metrics=metrics)
     store = Store(redis)
     ledger = Ledger(redis, settings.daemon_id, settings.lease, reactor)
     state = SchedulerState(started_at=reactor.seconds(), max_size=settings.max_size)
-    deadline = min(3.0, settings.request_timeout)  # the pub/sub connection's, as the pool's
     pubsub = RedisPubSub(settings.redis_addr, settings.redis_password, settings.redis_db, reactor, timeout=deadline)
     registry = Discovery(store, pubsub, settings.redis_db, reactor, timeout=deadline)
     services: list[IService] = [redis, registry]
