@@ -87,8 +87,9 @@ def test_wrong_password_says_so_and_recovers_once_fixed_on_the_redis_side_and_af
         own_redis.start()
         admin(own_redis, None).config_set("requirepass", DAEMONS)  # as its config file would
         restarted_in = recovers(api, 15)
-        status, body, _ = api("GET", "/status")
-        assert status == 200, body
+        # The pool's other connections come back within a retry of the first (at most 3 s apart): a
+        # request right after /healthz's first 200 may still meet one that has not (seen once in CI).
+        wait_until(lambda: api("GET", "/status")[0] == 200, 5, "/status 200 after the restart")
         print(f"/healthz 200 {fixed_in:.1f} s after the password was fixed, {restarted_in:.1f} s after the restart")
     finally:
         daemon.stop()
