@@ -35,7 +35,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.daemon import Daemon, free_port  # noqa: E402
 from harness.redis_server import RedisServer  # noqa: E402
-from harness.samples import Samples, outcomes, pct  # noqa: E402
+from harness.samples import Prober, Samples, outcomes, pct, purge_probe  # noqa: E402
 
 KEY = "flood-bench-key"
 HOST_ID = 1
@@ -55,44 +54,6 @@ HEALTHZ_EVERY = 0.050
 TIMEOUT = 10.0
 FLOOD_BYTES = 65536  # per second
 PATTERNS = {"burst": (FLOOD_BYTES, 1.0), "paced": (4096, 1.0 / 16)}  # (bytes per write, seconds between)
-
-
-class Prober(threading.Thread):
-    """Calls *probe* every *every* seconds; samples go to ``current``, which the main thread swaps per phase."""
-
-    def __init__(self, probe: Any, every: float) -> None:
-        super().__init__(daemon=True)
-        self.probe, self.every = probe, every
-        self.current = Samples()
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        next_at = time.monotonic()
-        while not self.stop_event.is_set():
-            samples = self.current
-            started = time.perf_counter()
-            try:
-                outcome = self.probe()
-                samples.add(outcome, time.perf_counter() - started)
-            except TimeoutError:
-                samples.add("timeout", TIMEOUT)
-            except (OSError, http.client.HTTPException) as e:
-                samples.add(f"error {type(e).__name__}", None)
-            next_at = max(next_at + self.every, time.monotonic())
-            self.stop_event.wait(max(0.0, next_at - time.monotonic()))
-
-
-def purge_probe(port: int, line: bytes) -> str:
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
-        s.settimeout(TIMEOUT)
-        s.sendall(line)
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = s.recv(512)
-            if not chunk:
-                break
-            reply += chunk
-    return "ok" if reply == b"Purge: Success\n" else f"reply {reply[:40]!r}"
 
 
 def healthz_probe(port: int) -> str:
@@ -190,8 +151,8 @@ def main() -> None:
               f"{PURGE_EVERY * 1000:.0f} ms, GET /healthz every {HEALTHZ_EVERY * 1000:.0f} ms; "
               f"the flooder is a forked process")
 
-        purger = Prober(lambda: purge_probe(purge_port, f"{root / DOMAIN}\n".encode()), PURGE_EVERY)
-        health = Prober(lambda: healthz_probe(api_port), HEALTHZ_EVERY)
+        purger = Prober(lambda: purge_probe(purge_port, f"{root / DOMAIN}\n".encode(), TIMEOUT), PURGE_EVERY, TIMEOUT)
+        health = Prober(lambda: healthz_probe(api_port), HEALTHZ_EVERY, TIMEOUT)
         probers = [purger, health]
         phases: list[tuple[str, Samples, Samples, dict[str, int], int]] = []
         for p in probers:

@@ -33,7 +33,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -48,7 +47,7 @@ import redis as redis_py  # noqa: E402
 
 from harness.daemon import Daemon, free_port  # noqa: E402
 from harness.redis_server import RedisServer  # noqa: E402
-from harness.samples import Samples, mean_ms, outcomes, pct  # noqa: E402
+from harness.samples import Prober, Samples, mean_ms, outcomes, pct, purge_probe  # noqa: E402
 
 KEY = "stall-bench-key"
 HOST_ID = 1
@@ -88,40 +87,6 @@ def fill_queue(port: int, entries: int) -> float:
 
 
 # --- samplers ------------------------------------------------------------------------------------
-
-
-class PurgeClient(threading.Thread):
-    """Every 10 ms: connect, send one path line, read the reply line, close. Samples go to ``current``."""
-
-    def __init__(self, port: int, line: bytes) -> None:
-        super().__init__(daemon=True)
-        self.port, self.line = port, line
-        self.current = Samples()
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        next_at = time.monotonic()
-        while not self.stop_event.is_set():
-            samples = self.current
-            started = time.perf_counter()
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=PURGE_TIMEOUT) as s:
-                    s.settimeout(PURGE_TIMEOUT)
-                    s.sendall(self.line)
-                    reply = b""
-                    while not reply.endswith(b"\n"):
-                        chunk = s.recv(512)
-                        if not chunk:
-                            break
-                        reply += chunk
-                elapsed = time.perf_counter() - started
-                samples.add("ok" if reply == b"Purge: Success\n" else f"reply {reply[:40]!r}", elapsed)
-            except TimeoutError:
-                samples.add("timeout", PURGE_TIMEOUT)
-            except OSError as e:
-                samples.add(f"error {type(e).__name__}", None)
-            next_at = max(next_at + PURGE_EVERY, time.monotonic())
-            self.stop_event.wait(max(0.0, next_at - time.monotonic()))
 
 
 def http_call(port: int, method: str, path: str, body: bytes | None, timeout: float) -> tuple[str, float | None]:
@@ -219,7 +184,7 @@ def main() -> None:
     root.mkdir()
     redis = RedisServer()
     daemon: Daemon | None = None
-    purger: PurgeClient | None = None
+    purger: Prober | None = None
     stop = threading.Event()
     threads: list[threading.Thread] = []
     try:
@@ -246,7 +211,8 @@ def main() -> None:
         print(f"purge client: one connection per purge every {PURGE_EVERY * 1000:.0f} ms, "
               f"line {str(root / DOMAIN)!r} (missing: Purge: Success)")
 
-        purger = PurgeClient(purge_port, f"{root / DOMAIN}\n".encode())
+        line = f"{root / DOMAIN}\n".encode()
+        purger = Prober(lambda: purge_probe(purge_port, line, PURGE_TIMEOUT), PURGE_EVERY, PURGE_TIMEOUT)
         baseline = purger.current
         purger.start()
         time.sleep(args.baseline)

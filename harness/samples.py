@@ -1,9 +1,13 @@
-"""Latency samples for the benchmarks: thread-safe collection, nearest-rank percentiles, outcome counts."""
+"""Latency samples for the benchmarks: a prober thread, thread-safe collection, percentiles, outcome counts."""
 
 from __future__ import annotations
 
+import http.client
+import socket
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -35,3 +39,46 @@ def mean_ms(samples: Samples) -> float:
 
 def outcomes(c: Counter[str]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "none"
+
+
+class Prober(threading.Thread):
+    """Calls *probe* every *every* seconds; samples go to ``current``, which the main thread swaps per phase.
+
+    *probe* returns the outcome; a ``TimeoutError`` counts as *timeout* seconds, other I/O errors
+    as no latency at all.
+    """
+
+    def __init__(self, probe: Callable[[], str], every: float, timeout: float) -> None:
+        super().__init__(daemon=True)
+        self.probe, self.every, self.timeout = probe, every, timeout
+        self.current = Samples()
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        next_at = time.monotonic()
+        while not self.stop_event.is_set():
+            samples = self.current
+            started = time.perf_counter()
+            try:
+                outcome = self.probe()
+                samples.add(outcome, time.perf_counter() - started)
+            except TimeoutError:
+                samples.add("timeout", self.timeout)
+            except (OSError, http.client.HTTPException) as e:
+                samples.add(f"error {type(e).__name__}", None)
+            next_at = max(next_at + self.every, time.monotonic())
+            self.stop_event.wait(max(0.0, next_at - time.monotonic()))
+
+
+def purge_probe(port: int, line: bytes, timeout: float) -> str:
+    """One purge as the PHP client makes it: connect, send *line*, read the reply line, close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.settimeout(timeout)
+        s.sendall(line)
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = s.recv(512)
+            if not chunk:
+                break
+            reply += chunk
+    return "ok" if reply == b"Purge: Success\n" else f"reply {reply[:40]!r}"
