@@ -34,23 +34,20 @@ from twisted.web import resource, server
 from harness.daemon import TOP, free_port, wait_until
 
 
-class FakeEG:
-    """A fake gateway in its own process, on a free port, recording to ``{base}/{eg_id}-{port}.jsonl``."""
+class GatewayProcess:
+    """A test gateway run as ``python -m MODULE --port PORT ...`` from the repo root, up once ``/stats`` answers."""
 
-    def __init__(self, base: Path, redis_addr: str, *args: str, eg_id: str = "test-eg-1") -> None:
-        self.port = free_port()
-        self.log = base / f"{eg_id}-{self.port}.jsonl"
-        self.log.touch()
+    def __init__(self, module: str, port: int, what: str, *args: str) -> None:
+        self.port, self.what = port, what
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.fake_eg", "--port", str(self.port), "--redis", redis_addr,
-             "--log", str(self.log), "--eg-id", eg_id, *args],
+            [sys.executable, "-m", module, "--port", str(port), *args],
             cwd=TOP, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        wait_until(self._up, 10, "fake EG listening")
+        wait_until(self._up, 10, f"{what} listening")
 
     def _up(self) -> bool:
         if self.proc.poll() is not None:
-            raise AssertionError(f"fake EG exited with {self.proc.returncode}")
+            raise AssertionError(f"{self.what} exited with {self.proc.returncode}")
         try:
             self.stats()
             return True
@@ -61,6 +58,22 @@ class FakeEG:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as r:
             return json.loads(r.read())
 
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class FakeEG(GatewayProcess):
+    """A fake gateway in its own process, on a free port, recording to ``{base}/{eg_id}-{port}.jsonl``."""
+
+    def __init__(self, base: Path, redis_addr: str, *args: str, eg_id: str = "test-eg-1") -> None:
+        port = free_port()
+        self.log = base / f"{eg_id}-{port}.jsonl"
+        self.log.touch()
+        super().__init__("harness.fake_eg", port, "fake EG",
+                         "--redis", redis_addr, "--log", str(self.log), "--eg-id", eg_id, *args)
+
     def control(self, **mode: Any) -> None:
         urllib.request.urlopen(
             urllib.request.Request(f"http://127.0.0.1:{self.port}/control", data=json.dumps(mode).encode()), timeout=5
@@ -70,11 +83,6 @@ class FakeEG:
         # The gateway may be writing a line right now: only complete lines count.
         lines = self.log.read_text().split("\n")[:-1]
         return [e for e in map(json.loads, lines) if e["event"] == kind]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 def now_rfc3339() -> str:

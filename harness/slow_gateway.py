@@ -21,52 +21,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import urllib.request
 from typing import Any
 
 from twisted.internet import task
 from twisted.protocols.policies import WrappingFactory
 from twisted.web import resource, server
 
-from harness.daemon import TOP, free_port, wait_until
-from harness.fake_eg import now_rfc3339
+from harness.daemon import free_port
+from harness.fake_eg import GatewayProcess, now_rfc3339
 
 CHUNK = b"x" * 65536
 STALL_LENGTH = 10_000  # within the dispatcher's body limit: it must wait for the rest
 
 
-class SlowGateway:
-    """A misbehaving gateway in its own process, on a free port."""
+class SlowGateway(GatewayProcess):
+    """A misbehaving gateway in its own process, on a free port; ``stats()["open_connections"]`` does not
+    count the connection that asks."""
 
     def __init__(self, redis_addr: str, mode: str, *args: str, eg_id: str = "slow-eg-1") -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.slow_gateway", "--port", str(self.port), "--redis", redis_addr,
-             "--mode", mode, "--eg-id", eg_id, *args],
-            cwd=TOP, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_until(self._up, 10, "slow gateway listening")
+        super().__init__("harness.slow_gateway", free_port(), "slow gateway",
+                         "--redis", redis_addr, "--mode", mode, "--eg-id", eg_id, *args)
 
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"slow gateway exited with {self.proc.returncode}")
-        try:
-            self.stats()
-            return True
-        except OSError:
-            return False
-
-    def stats(self) -> dict[str, Any]:
-        """Counters; ``open_connections`` does not count the connection that asks."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as r:
-            return json.loads(r.read())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 class _Body:
