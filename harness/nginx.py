@@ -20,10 +20,11 @@ import tempfile
 import textwrap
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from cachesvc.purge.zones import cache_file
 from harness.daemon import Daemon, free_port, purge, wait_until
@@ -208,6 +209,7 @@ class Stack:
         self.web_port, self.purge_port = free_port(), free_port()
         self.origin = f"http://127.0.0.1:{self.web_port}"
         self.daemon: Daemon | None = None
+        self.daemon_yaml: str | None = None
         self.nginx: subprocess.Popen[bytes] | None = None
         try:
             self._start_nginx(connections)
@@ -266,7 +268,14 @@ class Stack:
         conf = self.base / f"cachesvc-{time.monotonic_ns()}.yaml"
         conf.write_text(self.daemon_config(purge_yaml))
         self.daemon = Daemon(["--config", str(conf)], self.base)
+        self.daemon_yaml = purge_yaml
         self.daemon.wait_for_port(self.purge_port)
+        return self.daemon
+
+    def use_daemon(self, purge_yaml: str = "") -> Daemon:
+        """The running daemon if it runs with *purge_yaml*, else one restarted with it."""
+        if self.daemon is None or self.daemon.proc.poll() is not None or self.daemon_yaml != purge_yaml:
+            return self.start_daemon(purge_yaml)
         return self.daemon
 
     def stop_daemon(self) -> None:
@@ -276,12 +285,25 @@ class Stack:
 
     @property
     def log(self) -> str:
-        """The daemon's log so far (the last daemon's, once stopped)."""
+        """The running daemon's log so far."""
         return self.daemon.log if self.daemon is not None else ""
 
     def nginx_log(self) -> str:
         path = self.base / "error.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def logs(self, lines: int = 30) -> str:
+        """The tails of the daemon's and nginx's logs, for an assertion message."""
+        daemon = "\n".join(self.log.splitlines()[-lines:])
+        nginx = "\n".join(line for line in self.nginx_log().splitlines()[-lines:] if "[notice]" not in line)
+        return f"\n--- daemon log (tail) ---\n{daemon}\n--- nginx error log (tail) ---\n{nginx}"
+
+    def wait(self, check: Callable[[], Any], timeout: float, what: str) -> Any:
+        """:func:`harness.daemon.wait_until`, failing with the logs' tails."""
+        try:
+            return wait_until(check, timeout, what)
+        except AssertionError as e:
+            raise AssertionError(f"{e}{self.logs()}") from None
 
     def close(self) -> None:
         try:
@@ -340,9 +362,9 @@ class Stack:
         """Wait until the entry of *path* is fresh on disk (a background update or a warm-up finished:
         nginx replaced the file by one whose valid_sec is in the future), without a request."""
         target = self.file(host, path)
-        wait_until(lambda: is_fresh(target), timeout, f"{host}{path} fresh on disk")
+        self.wait(lambda: is_fresh(target), timeout, f"{host}{path} fresh on disk")
         return target
 
     def wait_all_fresh(self, host: str, paths: Sequence[str], timeout: float = 30.0) -> None:
         targets = [self.file(host, p) for p in paths]
-        wait_until(lambda: all(is_fresh(t) for t in targets), timeout, f"{len(paths)} entries of {host} fresh")
+        self.wait(lambda: all(is_fresh(t) for t in targets), timeout, f"{len(paths)} entries of {host} fresh")
