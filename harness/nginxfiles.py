@@ -1,25 +1,45 @@
-"""Cache files laid out and formatted as nginx writes them, for tests and benchmarks."""
+"""Cache files laid out and formatted as nginx writes them (version 5 headers), for tests and benchmarks."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
-HEADER = bytes(range(256)) + b"\x00" * 80  # stands in for nginx's binary header (varies by build)
+from cachesvc.purge import cachefile
+
+FRESH_UNTIL = 2**40  # a valid_sec far in the future: fresh for as long as any test runs
+HEADER = cachefile.HEADER.pack(cachefile.VERSION, FRESH_UNTIL, 0, 0, -1, 0, 0, 0, 0, 0, 0, b"", 0, b"", b"")
+"""A version 5 header without its key line (336 bytes)."""
 
 
-def write_entry(zone: Path, key: str, levels: tuple[int, ...] = (1, 2), body: bytes = b"<html>cached</html>") -> Path:
+def entry_path(zone: Path, key: str, levels: tuple[int, ...] = (1, 2)) -> Path:
     digest = hashlib.md5(key.encode()).hexdigest()
     end, parts = len(digest), []
     for width in levels:
         parts.append(digest[end - width : end])
         end -= width
-    directory = zone.joinpath(*parts)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / digest
-    path.write_bytes(
-        HEADER + b"\nKEY: " + key.encode() + b"\nHTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n" + body
-    )
+    return zone.joinpath(*parts, digest)
+
+
+def write_entry(
+    zone: Path,
+    key: str,
+    levels: tuple[int, ...] = (1, 2),
+    body: bytes = b"<html>cached</html>",
+    valid_sec: int = FRESH_UNTIL,
+    date: int | None = None,
+) -> Path:
+    path = entry_path(zone, key, levels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = cachefile.pack_header(valid_sec, int(time.time()) if date is None else date, key.encode())
+    path.write_bytes(head + b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n" + body)
     os.chmod(path, 0o600)
     return path
+
+
+def valid_sec(path: Path) -> int:
+    """The ``valid_sec`` field of the cache file at *path*."""
+    with path.open("rb") as f:
+        return int(cachefile.VALID_SEC.unpack(f.read(16)[8:16])[0])

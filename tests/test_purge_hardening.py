@@ -49,7 +49,7 @@ class RecordingTransport(StringTransport):
 
 
 class NoDeleter:
-    def delete(self, target: PurgeTarget) -> Deferred[Deleted]:
+    def delete(self, target: PurgeTarget, harvest: object = None) -> Deferred[Deleted]:
         raise AssertionError(f"nothing may be deleted here ({target})")
 
 

@@ -17,7 +17,7 @@ class ManualDeleter:
         self.calls: list[PurgeTarget] = []
         self.pending: list[Deferred[Deleted]] = []
 
-    def delete(self, target: PurgeTarget) -> Deferred[Deleted]:
+    def delete(self, target: PurgeTarget, harvest: object = None) -> Deferred[Deleted]:
         self.calls.append(target)
         d: Deferred[Deleted] = Deferred()
         self.pending.append(d)

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from cachesvc.configfile import ConfigError, Duration, check_server_endpoint, label, shown
 from cachesvc.purge.paths import PathPolicy, Refused
@@ -27,6 +28,49 @@ class ZoneConfig:
     levels: str = "1:2"
     key: str = "$scheme$request_method$host$request_uri"
     methods: list[str] = field(default_factory=lambda: ["GET", "HEAD"])
+    mode: str | None = None  # hard | soft; None: purge.mode
+
+
+MODES = ("hard", "soft")
+"""What a purge does to the entries it names: ``hard`` deletes them, ``soft`` marks them expired."""
+
+
+@dataclass
+class WarmOrigins:
+    """Where nginx listens, per scheme: warm requests go there with the site's ``Host``."""
+
+    http: str = "http://127.0.0.1:80"
+    https: str = "https://127.0.0.1:443"
+
+
+@dataclass
+class WarmConfig:
+    """``purge.warm``: after a purge, re-request what it removed so that the next visitor finds a HIT."""
+
+    enabled: bool = False
+    origins: WarmOrigins = field(default_factory=WarmOrigins)
+    concurrency: int = 4
+    max_entries: int = 10000
+    delay: Duration = 0.0
+    slow_response: Duration = 2.0
+    timeout: Duration = 10.0
+
+
+@dataclass(frozen=True)
+class WarmSettings:
+    """``purge.warm`` checked: *origins* maps ``http``/``https`` to ``scheme://host:port`` (no path)."""
+
+    enabled: bool = False
+    origins: tuple[tuple[str, str], ...] = (("http", "http://127.0.0.1:80"), ("https", "https://127.0.0.1:443"))
+    concurrency: int = 4
+    max_entries: int = 10000
+    delay: float = 0.0
+    slow_response: float = 2.0
+    timeout: float = 10.0
+
+    def origin(self, scheme: str) -> str | None:
+        """Where warm requests for *scheme* URLs go, or ``None`` if that scheme has no origin."""
+        return dict(self.origins).get(scheme)
 
 
 @dataclass
@@ -40,6 +84,8 @@ class PurgeConfig:
     trash_dir: str | None = None
     zones: list[ZoneConfig] = field(default_factory=list)
     max_connections: int = 512
+    mode: str = "hard"
+    warm: WarmConfig = field(default_factory=WarmConfig)
 
 
 @dataclass(frozen=True)
@@ -53,6 +99,8 @@ class PurgeSettings:
     trash_dir: str  # absolute; a direct child of a root or outside every root
     zones: tuple[Zone, ...]
     max_connections: int = 512
+    mode: str = "hard"  # for lines without soft:/hard:, in no zone with a mode of its own
+    warm: WarmSettings = WarmSettings()
 
 
 def check_purge(purge: PurgeConfig, source: str | None = None) -> PurgeSettings:
@@ -72,11 +120,12 @@ def check_purge(purge: PurgeConfig, source: str | None = None) -> PurgeSettings:
             f"{label('purge.max_connections', source)}: {purge.max_connections} is out of range; "
             "use 1 to 1048576 (default 512)"
         )
+    _check_mode(purge.mode, "purge.mode", source)
     roots = _check_roots(purge.roots, source)
     zones = []
     for i, zone in enumerate(purge.zones):
         try:
-            zones.append(check_zone(zone, roots))
+            zones.append(check_zone(zone, roots, purge.mode))
         except ValueError as e:
             raise ConfigError(f"{label(f'purge.zones[{i}]', source)}: {e}") from None
     return PurgeSettings(
@@ -87,6 +136,50 @@ def check_purge(purge: PurgeConfig, source: str | None = None) -> PurgeSettings:
         trash_dir=_check_trash(purge.trash_dir, roots, source),
         zones=tuple(zones),
         max_connections=purge.max_connections,
+        mode=purge.mode,
+        warm=_check_warm(purge.warm, source),
+    )
+
+
+def _check_mode(mode: str, where: str, source: str | None) -> None:
+    if mode not in MODES:
+        raise ConfigError(
+            f"{label(where, source)}: {shown(mode)} is not a purge mode; use hard (delete the entries) "
+            "or soft (mark them expired: nginx serves them STALE while it refreshes them)"
+        )
+
+
+def _check_warm(warm: WarmConfig, source: str | None) -> WarmSettings:
+    origins = []
+    for scheme in ("http", "https"):
+        url = getattr(warm.origins, scheme)
+        where = label(f"purge.warm.origins.{scheme}", source)
+        example = f"{scheme}://127.0.0.1:{80 if scheme == 'http' else 443}"
+        parsed = urlsplit(url) if url.isprintable() else None
+        try:
+            port = parsed.port if parsed else None
+        except ValueError:
+            parsed = None
+        if parsed is None or parsed.scheme != scheme or not parsed.hostname or parsed.path not in ("", "/") \
+                or parsed.query or parsed.fragment or parsed.username or parsed.password:
+            raise ConfigError(
+                f"{where}: {shown(url)} is not an origin; give {scheme}:// and where nginx listens for "
+                f"{scheme} requests, with no path, e.g. {example}"
+            )
+        host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+        origins.append((scheme, f"{scheme}://{host}:{port or (80 if scheme == 'http' else 443)}"))
+    for name, minimum in (("concurrency", 1), ("max_entries", 1)):
+        value = getattr(warm, name)
+        if not minimum <= value <= 1_000_000:
+            raise ConfigError(f"{label(f'purge.warm.{name}', source)}: {value} is out of range; use 1 to 1000000")
+    if warm.delay < 0:
+        raise ConfigError(f"{label('purge.warm.delay', source)}: must be 0s or more, e.g. 0s or 5s")
+    for name in ("slow_response", "timeout"):
+        if getattr(warm, name) <= 0:
+            raise ConfigError(f"{label(f'purge.warm.{name}', source)}: must be more than 0s, e.g. 2s")
+    return WarmSettings(
+        enabled=warm.enabled, origins=tuple(origins), concurrency=warm.concurrency, max_entries=warm.max_entries,
+        delay=warm.delay, slow_response=warm.slow_response, timeout=warm.timeout,
     )
 
 
@@ -169,7 +262,7 @@ def _check_trash(trash_dir: str | None, roots: Sequence[str], source: str | None
     return trash
 
 
-def check_zone(zone: ZoneConfig, roots: Sequence[str]) -> Zone:
+def check_zone(zone: ZoneConfig, roots: Sequence[str], default_mode: str = "hard") -> Zone:
     """The :class:`Zone` *zone* describes; ``ValueError`` with the fix when it is not an nginx cache below *roots*."""
     if not zone.hosts:
         raise ValueError('hosts: list the host names this zone caches, or ["*"] for any host')
@@ -186,6 +279,10 @@ def check_zone(zone: ZoneConfig, roots: Sequence[str]) -> Zone:
         raise ValueError(f"key: {shown(zone.key)} has a '$' that is not a variable")
     if not zone.methods or any(not m.isalpha() for m in zone.methods):
         raise ValueError(f"methods: {shown(zone.methods)}; list HTTP methods, e.g. [GET, HEAD]")
+    if zone.mode is not None and zone.mode not in MODES:
+        raise ValueError(
+            f"mode: {shown(zone.mode)} is not a purge mode; use hard or soft, or leave it out for purge.mode"
+        )
     sample = zone.path.replace("{host}", "example.com")
     try:
         PathPolicy(roots).target(sample.encode())
@@ -199,4 +296,5 @@ def check_zone(zone: ZoneConfig, roots: Sequence[str]) -> Zone:
         tuple(int(n) for n in levels),
         zone.key,
         tuple(m.upper() for m in zone.methods),
+        zone.mode or default_mode,
     )

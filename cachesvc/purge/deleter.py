@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from cachesvc.purge.fstree import empty_dir_at, open_parent, remove_tree_at
+from cachesvc.purge.harvest import Harvest
 from cachesvc.purge.paths import PurgeTarget
 from cachesvc.purge.trash import Trash
 from cachesvc.purge.workers import WorkerThread
@@ -28,8 +29,11 @@ class Deleted:
 class IDeleter(Interface):
     """Removes a :class:`PurgeTarget` from disk. The seam tests and embedders swap."""
 
-    def delete(target: PurgeTarget) -> Deferred[Deleted]:
-        """Fire with :class:`Deleted` once the target is gone; fail with :class:`Refused` or ``OSError``."""
+    def delete(target: PurgeTarget, harvest: Harvest | None) -> Deferred[Deleted]:
+        """Fire with :class:`Deleted` once the target is gone; fail with :class:`Refused` or ``OSError``.
+
+        A *harvest* records each cache file's key before it goes, and is finished once all are recorded.
+        """
 
 
 @implementer(IDeleter)
@@ -42,15 +46,15 @@ class BatchingDeleter:
     avoids the GIL contention of several threads doing tiny syscalls side by side.
     """
 
-    def __init__(self, lane: WorkerThread, delete: Callable[[PurgeTarget], Deleted]) -> None:
+    def __init__(self, lane: WorkerThread, delete: Callable[[PurgeTarget, Harvest | None], Deleted]) -> None:
         self._lane = lane
         self._delete = delete
-        self._waiting: list[tuple[PurgeTarget, Deferred[Deleted]]] = []
+        self._waiting: list[tuple[PurgeTarget, Harvest | None, Deferred[Deleted]]] = []
         self._busy = False
 
-    def delete(self, target: PurgeTarget) -> Deferred[Deleted]:
+    def delete(self, target: PurgeTarget, harvest: Harvest | None = None) -> Deferred[Deleted]:
         d: Deferred[Deleted] = Deferred()
-        self._waiting.append((target, d))
+        self._waiting.append((target, harvest, d))
         if not self._busy:
             self._send()
         return d
@@ -58,24 +62,26 @@ class BatchingDeleter:
     def _send(self) -> None:
         batch, self._waiting = self._waiting, []
         self._busy = True
-        targets = [t for t, _ in batch]
-        done = self._lane.submit(lambda: self._run(targets))
+        work = [(t, h) for t, h, _ in batch]
+        done = self._lane.submit(lambda: self._run(work))
         done.addBoth(self._fire, batch)
 
-    def _run(self, targets: list[PurgeTarget]) -> list[Deleted | BaseException]:
+    def _run(self, work: list[tuple[PurgeTarget, Harvest | None]]) -> list[Deleted | BaseException]:
         outcomes: list[Deleted | BaseException] = []
-        for target in targets:
+        for target, harvest in work:
             try:
-                outcomes.append(self._delete(target))
+                outcomes.append(self._delete(target, harvest))
             except Exception as e:
                 outcomes.append(e)
         return outcomes
 
     def _fire(
-        self, outcomes: list[Deleted | BaseException] | Failure, batch: list[tuple[PurgeTarget, Deferred[Deleted]]]
+        self,
+        outcomes: list[Deleted | BaseException] | Failure,
+        batch: list[tuple[PurgeTarget, Harvest | None, Deferred[Deleted]]],
     ) -> None:
         # Still busy while firing: purges requested from these callbacks join the next batch.
-        for i, (_, d) in enumerate(batch):
+        for i, (_, _, d) in enumerate(batch):
             # A Failure: _run itself broke, so fail them all.
             outcome = outcomes if isinstance(outcomes, Failure) else outcomes[i]
             if isinstance(outcome, (BaseException, Failure)):
@@ -87,15 +93,23 @@ class BatchingDeleter:
             self._send()
 
 
-def delete_now(target: PurgeTarget, trash: Trash | None = None) -> Deleted:
+def delete_now(target: PurgeTarget, trash: Trash | None = None, harvest: Harvest | None = None) -> Deleted:
     """Delete *target* (blocking). A zone root is emptied and kept with its owner and mode.
 
     With a *trash*, directories are moved into it, which deletes them in the background;
-    ``files`` is then unknown (``None``).
+    ``files`` is then unknown (``None``), and the trash finishes the *harvest* when it has read them.
     """
+    deleted = _delete_now(target, trash, harvest)
+    if harvest is not None and deleted.files is not None:
+        harvest.finish()
+    return deleted
+
+
+def _delete_now(target: PurgeTarget, trash: Trash | None, harvest: Harvest | None) -> Deleted:
     parent = open_parent(target)
     if parent is None:
         return Deleted("absent", 0)
+    visit = harvest.visit if harvest is not None else None
     try:
         name = target.parts[-1]
         try:
@@ -103,14 +117,16 @@ def delete_now(target: PurgeTarget, trash: Trash | None = None) -> Deleted:
         except FileNotFoundError:
             return Deleted("absent", 0)
         if not stat.S_ISDIR(st.st_mode):
+            if visit is not None and stat.S_ISREG(st.st_mode):
+                visit(parent, name)
             os.unlink(name, dir_fd=parent)  # a file, or a symlink removed as a link
             return Deleted("deleted", 1)
-        if trash is not None and trash.move_aside(target, parent, name):
+        if trash is not None and trash.move_aside(target, parent, name, harvest):
             return Deleted("deleted", None)
         if target.is_zone_root:
-            return Deleted("deleted", empty_dir_at(parent, name))
+            return Deleted("deleted", empty_dir_at(parent, name, visit))
         try:
-            return Deleted("deleted", remove_tree_at(parent, name))
+            return Deleted("deleted", remove_tree_at(parent, name, visit))
         except FileNotFoundError:
             return Deleted("deleted", 0)
     finally:

@@ -11,8 +11,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 from cachesvc.purge.paths import PurgeTarget, Refused
+
+Visit = Callable[[int, str], None]
+"""Called with (directory fd, name) for each file just before it is unlinked (a harvest's ``visit``)."""
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -67,23 +71,23 @@ def open_dir(target: PurgeTarget) -> int | None:
         os.close(parent)
 
 
-def remove_tree_at(parent_fd: int, name: str) -> int:
+def remove_tree_at(parent_fd: int, name: str, visit: Visit | None = None) -> int:
     """Remove directory *name* in *parent_fd* and everything below it; return the files removed."""
-    count = empty_dir_at(parent_fd, name)
+    count = empty_dir_at(parent_fd, name, visit)
     os.rmdir(name, dir_fd=parent_fd)
     return count
 
 
-def empty_dir_at(parent_fd: int, name: str) -> int:
+def empty_dir_at(parent_fd: int, name: str, visit: Visit | None = None) -> int:
     """Remove everything inside directory *name* in *parent_fd*, keeping the directory itself."""
     fd = os.open(name, DIR_FLAGS, dir_fd=parent_fd)
     try:
-        return empty_dir_fd(fd)
+        return empty_dir_fd(fd, visit)
     finally:
         os.close(fd)
 
 
-def empty_dir_fd(fd: int) -> int:
+def empty_dir_fd(fd: int, visit: Visit | None = None) -> int:
     """Remove everything inside the open directory *fd*; return the number of non-directories removed."""
     count = 0
     with os.scandir(fd) as entries:
@@ -91,7 +95,7 @@ def empty_dir_fd(fd: int) -> int:
     for name, is_dir in names:
         if is_dir:
             try:
-                count += remove_tree_at(fd, name)
+                count += remove_tree_at(fd, name, visit)
                 continue
             except FileNotFoundError:
                 continue
@@ -99,13 +103,15 @@ def empty_dir_fd(fd: int) -> int:
                 if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
                 # Swapped for a symlink or a file since the listing: fall through and unlink it.
+        if visit is not None and not is_dir:
+            visit(fd, name)
         try:
             os.unlink(name, dir_fd=fd)
             count += 1
         except FileNotFoundError:
             pass
         except IsADirectoryError:  # replaced by a directory since the listing
-            count += remove_tree_at(fd, name)
+            count += remove_tree_at(fd, name, visit)
     return count
 
 

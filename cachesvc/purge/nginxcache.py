@@ -1,8 +1,8 @@
-"""Reading nginx cache files: the key stored after the binary header, and prefix scans of a zone.
+"""Walks of nginx cache directories: prefix purges and soft purges, fairly shared between zones.
 
-An nginx cache file starts with a binary header whose size depends on the nginx build, then
-``\\nKEY: <key>\\n``, the upstream's response headers and the body. Only the first few hundred
-bytes are read per file.
+A walk reads the first bytes of each file (the header and ``\\nKEY: <key>\\n``, see
+:mod:`~cachesvc.purge.cachefile`) and, for each purge that waits on it, deletes or marks expired
+the entries it names. Concurrent purges of one directory share a walk.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,13 +20,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cachesvc.purge.fstree import DIR_FLAGS, open_dir
-from cachesvc.purge.paths import PurgeTarget
+from cachesvc.purge import cachefile
+from cachesvc.purge.fstree import DIR_FLAGS, open_dir, open_parent
+from cachesvc.purge.harvest import Harvest
+from cachesvc.purge.paths import PurgeTarget, Refused
 from cachesvc.purge.workers import WorkerThread
 
-KEY_MARK = b"\nKEY: "
-FIRST_READ = 1024
-MAX_HEADER = 64 * 1024
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -36,19 +36,9 @@ def read_key(dir_fd: int, name: str) -> bytes | None:
     except OSError:
         return None  # vanished, a symlink, or unreadable: not ours to judge
     try:
-        head = os.read(fd, FIRST_READ)
-        start = head.find(KEY_MARK)
-        if start < 0:
-            return None
-        start += len(KEY_MARK)
-        end = head.find(b"\n", start)
-        while end < 0 and len(head) < MAX_HEADER:
-            more = os.read(fd, FIRST_READ)
-            if not more:
-                return None
-            head += more
-            end = head.find(b"\n", start)
-        return head[start:end] if end >= 0 else None
+        return cachefile.key_anywhere(cachefile.read_head(fd))
+    except OSError:
+        return None
     finally:
         os.close(fd)
 
@@ -58,6 +48,23 @@ class ScanResult:
     scanned: int = 0
     deleted: int = 0
     seconds: float = 0.0
+    marked: int = 0  # soft: entries whose valid_sec was set in the past
+
+
+@dataclass(frozen=True)
+class WalkRequest:
+    """What one purge asks of a walk: the entries whose key starts with *prefixes* (``None``: every file).
+
+    ``hard`` deletes them; ``soft`` marks the version 5 cache files among them expired and deletes
+    the rest (a soft purge never leaves content served as fresh). *harvest* collects their keys.
+    """
+
+    prefixes: tuple[bytes, ...] | None
+    mode: str = "hard"
+    harvest: Harvest | None = None
+
+    def matches(self, key: bytes | None) -> bool:
+        return self.prefixes is None or (key is not None and key.startswith(self.prefixes))
 
 
 def purge_prefixes(
@@ -66,11 +73,7 @@ def purge_prefixes(
     progress: Callable[[ScanResult], None] | None = None,
     every: float = 2.0,
 ) -> ScanResult:
-    """Blocking. Delete every cache file below *zone* whose key starts with one of *prefixes*.
-
-    Calls *progress* every *every* seconds during a long scan. Symlinks are skipped, never followed;
-    a zone that is a symlink (or lies behind one) is :class:`Refused`.
-    """
+    """Blocking. Delete every cache file below *zone* whose key starts with one of *prefixes*."""
     return purge_prefix_groups(zone, [prefixes], progress, every)[0]
 
 
@@ -80,19 +83,45 @@ def purge_prefix_groups(
     progress: Callable[[ScanResult], None] | None = None,
     every: float = 2.0,
 ) -> list[ScanResult]:
-    """Blocking. One walk of *zone* for several requests, each a group of prefixes; a result per group.
+    """Blocking. One walk of *zone* for several hard prefix purges; a result per group."""
+    return walk_tree(zone, [WalkRequest(tuple(g)) for g in groups], time.time(), progress, every)
 
-    A file matching any group is deleted once and counted as deleted for every group it matches.
+
+def walk_tree(
+    target: PurgeTarget,
+    requests: Sequence[WalkRequest],
+    now: float,
+    progress: Callable[[ScanResult], None] | None = None,
+    every: float = 2.0,
+) -> list[ScanResult]:
+    """Blocking. One walk of *target* (a directory, or a single file) for several requests; a result each.
+
+    A file that a hard request matches is deleted once, and counted as deleted for every request
+    it matches. Symlinks are never followed: one in a request for every file is unlinked as a link;
+    a *target* that is a symlink (or lies behind one) is :class:`Refused`.
     """
-    scanned = deleted = 0
+    walker = _Walker(requests, now)
     started = last = time.monotonic()
-    results = [ScanResult() for _ in groups]
-    top = open_dir(zone)
+    parent = open_parent(target)
+    if parent is None:
+        return walker.results(0.0)
+    try:
+        name = target.parts[-1]
+        try:
+            st = os.lstat(name, dir_fd=parent)
+        except FileNotFoundError:
+            return walker.results(0.0)
+        if stat.S_ISDIR(st.st_mode):
+            top = open_dir(target)
+        elif any(r.prefixes is not None for r in requests) and stat.S_ISLNK(st.st_mode):
+            raise Refused(f"symlink at {target.path}")  # a prefix purge walks a zone: never through a link
+        else:
+            walker.file(parent, name, stat.S_ISREG(st.st_mode))
+            return walker.results(time.monotonic() - started)
+    finally:
+        os.close(parent)
     if top is None:
-        return results
-    wanted = [tuple(g) for g in groups]
-    union = tuple(dict.fromkeys(p for g in wanted for p in g))
-    single = results[0] if len(results) == 1 else None
+        return walker.results(0.0)
     stack = [top]
     try:
         while stack:
@@ -103,46 +132,99 @@ def purge_prefix_groups(
                         if entry.is_dir(follow_symlinks=False):
                             with contextlib.suppress(OSError):
                                 stack.append(os.open(entry.name, DIR_FLAGS, dir_fd=fd))
-                        elif entry.is_file(follow_symlinks=False):
-                            scanned += 1
-                            key = read_key(fd, entry.name)
-                            if key is None or not key.startswith(union):
-                                continue
-                            try:
-                                os.unlink(entry.name, dir_fd=fd)
-                            except FileNotFoundError:
-                                continue
-                            deleted += 1
-                            if single is not None:
-                                single.deleted += 1
-                            else:
-                                for group, result in zip(wanted, results, strict=True):
-                                    if key.startswith(group):
-                                        result.deleted += 1
+                        else:
+                            walker.file(fd, entry.name, entry.is_file(follow_symlinks=False))
             finally:
                 os.close(fd)
             if progress is not None and time.monotonic() - last >= every:
                 last = time.monotonic()
-                progress(ScanResult(scanned, deleted, last - started))
+                progress(ScanResult(walker.scanned, walker.deleted, last - started, walker.marked))
     finally:
         for fd in stack:
             os.close(fd)
-    seconds = time.monotonic() - started
-    for result in results:
-        result.scanned, result.seconds = scanned, seconds
-    return results
+    return walker.results(time.monotonic() - started)
+
+
+class _Walker:
+    """The per-file decisions of one walk, and its counts."""
+
+    def __init__(self, requests: Sequence[WalkRequest], now: float) -> None:
+        self.requests = list(requests)
+        self.now = now
+        self.scanned = self.deleted = self.marked = 0
+        self._counts = [ScanResult() for _ in requests]
+        self._everything = [r for r in requests if r.prefixes is None]
+        self._flags = cachefile.WRITE_FLAGS if any(r.mode == "soft" for r in requests) else _FILE_FLAGS
+
+    def results(self, seconds: float) -> list[ScanResult]:
+        for result in self._counts:
+            result.scanned, result.seconds = self.scanned, seconds
+        return self._counts
+
+    def file(self, dir_fd: int, name: str, regular: bool) -> None:
+        if not regular:  # a symlink, fifo, socket or device: never opened
+            if self._everything and cachefile.unlink_quietly(dir_fd, name):
+                self._count_deleted(self._everything)
+            return
+        self.scanned += 1
+        fd = cachefile.open_entry(dir_fd, name, self._flags)
+        if fd is None:
+            return
+        if fd == -1:  # swapped for a symlink since the listing
+            self.file(dir_fd, name, False)
+            return
+        try:
+            try:
+                head = cachefile.read_head(fd)
+            except OSError:
+                head = b""  # not a readable file (a fifo swapped in): no key, not a cache file
+            entry = cachefile.parse(head)
+            key = entry.key if entry is not None else cachefile.key_anywhere(head)
+            matched = [r for r in self.requests if r.matches(key)]
+            if not matched:
+                return
+            hard = any(r.mode == "hard" for r in matched)
+            valid = entry is not None and cachefile.ENTRY_NAME.fullmatch(name) is not None
+            if not hard and valid:
+                assert entry is not None
+                if cachefile.is_fresh(entry, self.now):  # one already expired is left as it is
+                    cachefile.expire(fd, self.now)
+                    self.marked += 1
+                    for r in matched:
+                        self._counts[self.requests.index(r)].marked += 1
+                    self._harvest(matched, entry, key)
+                return
+        finally:
+            os.close(fd)
+        if cachefile.unlink_quietly(dir_fd, name):
+            self._count_deleted(matched)
+            if entry is not None:
+                self._harvest(matched, entry, key)
+
+    def _count_deleted(self, matched: Sequence[WalkRequest]) -> None:
+        self.deleted += 1
+        for r in matched:
+            self._counts[self.requests.index(r)].deleted += 1
+
+    @staticmethod
+    def _harvest(matched: Sequence[WalkRequest], entry: cachefile.Entry, key: bytes | None) -> None:
+        if key is None:
+            return
+        for r in matched:
+            if r.harvest is not None:
+                r.harvest.record(entry.date, key)
 
 
 @dataclass
 class _Walk:
-    """The prefix purges of one zone that wait together: one walk serves them all."""
+    """The purges of one directory that wait together: one walk serves them all."""
 
     zone: PurgeTarget
-    requests: list[tuple[tuple[bytes, ...], Deferred[ScanResult]]] = field(default_factory=list)
+    requests: list[tuple[WalkRequest, Deferred[ScanResult]]] = field(default_factory=list)
 
 
 class PrefixScanner:
-    """Runs prefix scans on lanes of their own, fairly between zones.
+    """Runs walks (prefix purges, soft purges) on lanes of their own, fairly between zones.
 
     A long scan never delays ordinary purges (they have their own thread), and one busy zone never
     makes another wait behind it: a zone is walked by one lane at a time, the purges that arrive
@@ -159,13 +241,18 @@ class PrefixScanner:
         self._idle = list(reversed(self.lanes))
         self._waiting: dict[PurgeTarget, _Walk] = {}  # in the order the zones began to wait
         self._walking: set[PurgeTarget] = set()
+        self._now: Callable[[], float] = time.time if reactor is None else reactor.seconds
 
-    def scan(self, zone: PurgeTarget, prefixes: Sequence[bytes]) -> Deferred[ScanResult]:
+    def scan(
+        self, zone: PurgeTarget, prefixes: Sequence[bytes] | None, mode: str = "hard", harvest: Harvest | None = None
+    ) -> Deferred[ScanResult]:
+        """Purge the entries below *zone* whose key starts with one of *prefixes* (``None``: all of them)."""
         d: Deferred[ScanResult] = Deferred()
         walk = self._waiting.get(zone)
         if walk is None:
             walk = self._waiting[zone] = _Walk(zone)
-        walk.requests.append((tuple(prefixes), d))
+        request = WalkRequest(None if prefixes is None else tuple(prefixes), mode, harvest)
+        walk.requests.append((request, d))
         self._dispatch()
         return d
 
@@ -177,16 +264,17 @@ class PrefixScanner:
             walk = self._waiting.pop(zone)
             lane = self._idle.pop()
             self._walking.add(zone)
-            groups = [prefixes for prefixes, _ in walk.requests]
-            done = lane.submit(functools.partial(purge_prefix_groups, zone, groups, self._progress(zone)))
+            requests = [request for request, _ in walk.requests]
+            done = lane.submit(functools.partial(walk_tree, zone, requests, self._now(), self._progress(zone)))
             done.addBoth(self._walked, lane, walk)
 
     def _progress(self, zone: PurgeTarget) -> Callable[[ScanResult], None]:
         def progress(so_far: ScanResult) -> None:  # on the scan's thread
             self._reactor.callFromThread(
                 self.log.info,
-                "prefix purge in {zone}: {scanned} files scanned, {deleted} deleted, {seconds:.1f} s",
-                zone=zone.path, scanned=so_far.scanned, deleted=so_far.deleted, seconds=so_far.seconds,
+                "purge walk in {zone}: {scanned} files scanned, {deleted} deleted, {marked} marked expired, "
+                "{seconds:.1f} s", zone=zone.path, scanned=so_far.scanned, deleted=so_far.deleted,
+                marked=so_far.marked, seconds=so_far.seconds,
             )
 
         return progress

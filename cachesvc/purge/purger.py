@@ -1,13 +1,17 @@
-"""One purge request, start to finish: what it names, who deletes it, and the log line that records it.
+"""One purge request, start to finish: what it names, what is done to it, and the log line that records it.
 
 A request is a path below a cache root, a URL (the cache files nginx would use for it), or a URL
-ending in ``*`` (every cached key with that prefix). Purges of the same path share one operation,
-and a purge below a path that is being purged waits for that purge first.
+ending in ``*`` (every cached key with that prefix), optionally after ``soft:`` or ``hard:``. A
+hard purge deletes; a soft one marks the entries expired (nginx serves them ``STALE`` while it
+refreshes them). Without a prefix the zone's mode applies, else ``purge.mode``. Purges of the
+same path and mode share one operation, and a purge below a path that is being purged waits for
+that purge first. With warming on, what a purge removed or marked is requested again afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import functools
+from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
@@ -16,12 +20,26 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from cachesvc.purge.deleter import Deleted, IDeleter
-from cachesvc.purge.nginxcache import PrefixScanner
+from cachesvc.purge.harvest import Gathering, Harvest
+from cachesvc.purge.keyurl import url_maker
+from cachesvc.purge.nginxcache import PrefixScanner, ScanResult
 from cachesvc.purge.paths import PathPolicy, PurgeTarget, Refused
 from cachesvc.purge.ratelimit import LogBudget
-from cachesvc.purge.zones import ZoneMap
+from cachesvc.purge.zones import Zone, ZoneMap
 
 URL_SCHEMES = (b"http://", b"https://")
+MODE_PREFIXES = ((b"soft:", "soft"), (b"hard:", "hard"))
+
+Warm = Callable[[str, list[str], int], None]
+"""Warms the URLs a purge removed or marked: (the purge as received, URLs newest first, entries left out)."""
+
+
+def split_mode(raw: bytes) -> tuple[str | None, bytes]:
+    """``soft:…``/``hard:…`` → the mode and the rest; anything else → ``None`` and the line as it is."""
+    for prefix, mode in MODE_PREFIXES:
+        if raw.startswith(prefix):
+            return mode, raw[len(prefix) :]
+    return None, raw
 
 
 class _Shared:
@@ -53,13 +71,22 @@ class Purger:
         clock: IReactorTime,
         zones: ZoneMap | None = None,
         scanner: PrefixScanner | None = None,
+        mode: str = "hard",
+        warm: Warm | None = None,
+        warm_limit: int = 10000,
+        reactor: Any = None,
     ) -> None:
         self.policy = policy
         self.deleter = deleter
         self.clock = clock
         self.zones = zones
         self.scanner = scanner
-        self._inflight: dict[PurgeTarget, _Shared] = {}
+        self.mode = mode
+        self.warm = warm
+        self.warm_limit = warm_limit
+        self._reactor = reactor if reactor is not None else clock
+        self._makers = {zone: url_maker(zone.key) for zone in zones.zones} if zones is not None else {}
+        self._inflight: dict[tuple[str, PurgeTarget], _Shared] = {}
         # Clients choose how many refusals there are (65,536 empty lines are 64 KiB): a burst, then counts.
         self._refused = LogBudget(self.log, clock, "purge requests refused")
         self._failed = LogBudget(self.log, clock, "purge requests failed")
@@ -71,16 +98,20 @@ class Purger:
         are made of) is answered at once, without a generator or a Failure.
         """
         started = self.clock.seconds()
+        gathering = self._gathering(raw)
         try:
-            if raw.startswith(URL_SCHEMES):
-                work: Deferred[tuple[str, str]] = self._purge_url(raw)
+            mode, line = split_mode(raw)
+            if line.startswith(URL_SCHEMES):
+                work: Deferred[tuple[str, str]] = self._purge_url(line, mode, gathering)
             else:
-                work = self.delete(self.policy.target(raw)).addCallback(_described)
+                work = self._purge_path(self.policy.target(line), mode, gathering)
         except Refused as e:
             self._record(_shown(raw), "refused", f": {e}", started)
             return succeed(False)
         except Exception:
             return succeed(self._unsuccessful(Failure(), raw, started))
+        if gathering is not None:
+            work.addBoth(_passing(gathering.seal))
         return work.addCallbacks(
             self._successful, self._unsuccessful, callbackArgs=(raw, started), errbackArgs=(raw, started)
         )
@@ -101,24 +132,58 @@ class Purger:
             self._record(shown, "failed", f": {e!r}", started)
         return False
 
-    def delete(self, target: PurgeTarget) -> Deferred[Deleted]:
+    # --- paths ------------------------------------------------------------------------------------
+
+    def _purge_path(
+        self, target: PurgeTarget, mode: str | None, gathering: Gathering | None
+    ) -> Deferred[tuple[str, str]]:
+        zone = self.zones.zone_of(target) if self.zones is not None else None
+        mode = mode or (zone.mode if zone is not None else self.mode)
+        harvest = self._harvest(gathering, zone)
+        if mode == "soft":
+            return self.soften(target, harvest).addCallback(_described_walk)
+        return self.delete(target, harvest).addCallback(_described)
+
+    def delete(self, target: PurgeTarget, harvest: Harvest | None = None) -> Deferred[Deleted]:
         """Delete *target*, sharing an identical purge in flight and waiting for an ancestor's."""
-        same = self._inflight.get(target)
+        return self._shared(("hard", target), harvest, lambda: self.deleter.delete(target, harvest))
+
+    def soften(self, target: PurgeTarget, harvest: Harvest | None = None) -> Deferred[ScanResult]:
+        """Mark every cache entry at or below *target* expired (and delete what is not a cache file)."""
+        scanner = self.scanner
+        if scanner is None:
+            raise Refused("soft purges are not enabled")
+        walk = functools.partial(scanner.scan, target, None, "soft", harvest)
+        return self._shared(("soft", target), harvest, lambda: _finishing(walk(), harvest))
+
+    def _shared(
+        self, key: tuple[str, PurgeTarget], harvest: Harvest | None, start: Callable[[], Deferred[Any]]
+    ) -> Deferred[Any]:
+        target = key[1]
+        same = self._inflight.get(key)
         if same is not None:
+            if harvest is not None:
+                harvest.finish()  # the purge in flight warms what it purges
             return same.observe()
-        ancestors = [op.observe() for t, op in self._inflight.items() if t.contains(target)]
-        op = self._inflight[target] = _Shared()
-        start = DeferredList(ancestors, consumeErrors=True) if ancestors else succeed(None)
-        start.addCallback(lambda _: self.deleter.delete(target))
-        start.addBoth(self._settle, target, op)
+        ancestors = [op.observe() for (_, t), op in self._inflight.items() if t.contains(target)]
+        op = self._inflight[key] = _Shared()
+        ready = DeferredList(ancestors, consumeErrors=True) if ancestors else succeed(None)
+        ready.addCallback(lambda _: start())
+        if harvest is not None:
+            ready.addErrback(_passing(harvest.finish))  # a failed purge warms what it managed to record
+        ready.addBoth(self._settle, key, op)
         return op.observe()
 
-    def _settle(self, result: Any, target: PurgeTarget, op: _Shared) -> None:
-        del self._inflight[target]
+    def _settle(self, result: Any, key: tuple[str, PurgeTarget], op: _Shared) -> None:
+        del self._inflight[key]
         op.settle(result)
 
+    # --- URLs -------------------------------------------------------------------------------------
+
     @inlineCallbacks
-    def _purge_url(self, raw: bytes) -> Generator[Deferred[Any], Any, tuple[str, str]]:
+    def _purge_url(
+        self, raw: bytes, mode: str | None, gathering: Gathering | None
+    ) -> Generator[Deferred[Any], Any, tuple[str, str]]:
         try:
             url = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -126,21 +191,49 @@ class Purger:
         if self.zones is None or not self.zones.zones:
             raise Refused("URL purges need purge.zones in the config")
         if url.endswith("*"):
-            if self.scanner is None:
+            scanner = self.scanner
+            if scanner is None:
                 raise Refused("prefix purges are not enabled")
-            scanned = deleted = 0
-            for zone, prefixes in self.zones.prefixes(url[:-1]):
-                result = yield self.scanner.scan(zone, prefixes)
-                scanned += result.scanned
-                deleted += result.deleted
-            return ("deleted" if deleted else "absent"), f", {deleted} of {scanned} files matched"
-        outcomes = yield DeferredList([self.delete(t) for t in self.zones.files(url)], consumeErrors=True)
-        files = 0
+            total = ScanResult()
+            for zone, directory, prefixes in self.zones.prefixes_by_zone(url[:-1]):
+                harvest = self._harvest(gathering, zone)
+                result = yield _finishing(scanner.scan(directory, prefixes, mode or zone.mode, harvest), harvest)
+                total.scanned += result.scanned
+                total.deleted += result.deleted
+                total.marked += result.marked
+            return _outcome(total), _matched(total)
+        work: list[Deferred[Any]] = []
+        for zone, targets in self.zones.files_by_zone(url):
+            soft = (mode or zone.mode) == "soft"
+            for target in targets:
+                harvest = self._harvest(gathering, zone)
+                work.append(self.soften(target, harvest) if soft else self.delete(target, harvest))
+        outcomes = yield DeferredList(work, consumeErrors=True)
+        total = ScanResult()
         for ok, value in outcomes:
             if not ok:
                 value.raiseException()
-            files += value.files or 0
-        return ("deleted" if files else "absent"), f", {files} files"
+            if isinstance(value, ScanResult):
+                total.deleted += value.deleted
+                total.marked += value.marked
+            else:
+                total.deleted += value.files or 0
+        return _outcome(total), f", {_counts(total)}"
+
+    # --- warming ----------------------------------------------------------------------------------
+
+    def _gathering(self, raw: bytes) -> Gathering | None:
+        warm = self.warm
+        if warm is None or not any(self._makers.values()):
+            return None
+        label = _shown(raw)
+        return Gathering(self.warm_limit, self._reactor, lambda urls, skipped: _warm_if_any(warm, label, urls, skipped))
+
+    def _harvest(self, gathering: Gathering | None, zone: Zone | None) -> Harvest | None:
+        maker = self._makers.get(zone) if zone is not None else None
+        if gathering is None or maker is None:
+            return None
+        return gathering.harvest(maker)
 
     def _record(self, path: str, outcome: str, detail: str, started: float) -> None:
         ms = (self.clock.seconds() - started) * 1000
@@ -153,12 +246,52 @@ class Purger:
             self.log.info(line, path=path, outcome=outcome, detail=detail, ms=ms)
 
 
+def _passing(call: Callable[[], None]) -> Callable[[Any], Any]:
+    """A callback that calls *call* and passes the result (or the Failure) on unchanged."""
+
+    def passing(result: Any) -> Any:
+        call()
+        return result
+
+    return passing
+
+
+def _finishing(d: Deferred[ScanResult], harvest: Harvest | None) -> Deferred[ScanResult]:
+    """*d*, finishing *harvest* once the walk that records into it is over, whatever its result."""
+    return d if harvest is None else d.addBoth(_passing(harvest.finish))
+
+
+def _warm_if_any(warm: Warm, label: str, urls: list[str], skipped: int) -> None:
+    if urls or skipped:
+        warm(label, urls, skipped)
+
+
 def _shown(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
 def _described(done: Deleted) -> tuple[str, str]:
     return done.outcome, _files(done)
+
+
+def _described_walk(done: ScanResult) -> tuple[str, str]:
+    return _outcome(done), f", {_counts(done)}"
+
+
+def _outcome(done: ScanResult) -> str:
+    return "marked" if done.marked else "deleted" if done.deleted else "absent"
+
+
+def _counts(done: ScanResult) -> str:
+    if not done.marked:
+        return f"{done.deleted} files"
+    return f"{done.marked} entries marked expired, {done.deleted} other files deleted"
+
+
+def _matched(done: ScanResult) -> str:
+    if not done.marked:
+        return f", {done.deleted} of {done.scanned} files matched"
+    return f", {_counts(done)} of {done.scanned} files scanned"
 
 
 def _files(done: Deleted) -> str:

@@ -19,13 +19,16 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
+from cachesvc import __version__
 from cachesvc.purge.config import PurgeSettings, with_backlog
 from cachesvc.purge.deleter import BatchingDeleter, delete_now
+from cachesvc.purge.keyurl import why_not_invertible
 from cachesvc.purge.nginxcache import PrefixScanner
 from cachesvc.purge.paths import PathPolicy
 from cachesvc.purge.protocol import PurgeFactory
 from cachesvc.purge.purger import Purger
 from cachesvc.purge.trash import Trash
+from cachesvc.purge.warm import Warmer
 from cachesvc.purge.workers import WorkerThread
 from cachesvc.purge.zones import ZoneMap
 
@@ -54,9 +57,19 @@ class PurgeService(MultiService):
         catch_up = [WorkerThread(reactor, f"cachesvc-trash-catch-up-{i}") for i in range(TRASH_CATCH_UP_LANES)]
         self.trash_lanes += catch_up
         self.trash = Trash(settings.trash_dir, settings.roots, self.trash_lanes[:1], reactor, catch_up)
-        deleter = BatchingDeleter(self.lane, lambda target: delete_now(target, self.trash))
+        trash = self.trash
+        deleter = BatchingDeleter(self.lane, lambda target, harvest: delete_now(target, trash, harvest))
         scanner = PrefixScanner(self.scan_lanes, reactor)
-        self.purger = Purger(policy, deleter, reactor, ZoneMap(settings.zones, policy), scanner)
+        self.warmer: Warmer | None = None
+        if settings.warm.enabled:
+            self.warmer = Warmer(settings.warm, reactor, __version__)
+            self.addService(self.warmer)
+        self.purger = Purger(
+            policy, deleter, reactor, ZoneMap(settings.zones, policy), scanner, mode=settings.mode,
+            warm=self.warmer.warm if self.warmer is not None else None, warm_limit=settings.warm.max_entries,
+            reactor=reactor,
+        )
+        self._zones = settings.zones
         self.factory = PurgeFactory(
             self.purger, reactor, settings.idle_timeout, settings.max_line_length, settings.max_connections
         )
@@ -72,6 +85,13 @@ class PurgeService(MultiService):
                 "else; lower it, or raise the hard limit (systemd: LimitNOFILE=)",
                 max=self.factory.max_connections, reserve=FD_RESERVE, limit=limit,
             )
+        if self.warmer is not None:
+            for zone in self._zones:
+                why = why_not_invertible(zone.key)
+                if why is not None:
+                    self.log.warn(
+                        "warming is off for zone {path}: {why}", path=zone.path, why=why,
+                    )
         self.trash.open()  # starts the trash's lanes when the trash is usable
         self.lane.start()
         for lane in self.scan_lanes:

@@ -26,7 +26,8 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cachesvc.purge.fstree import DIR_FLAGS, remove_tree_at
+from cachesvc.purge.fstree import DIR_FLAGS, Visit, remove_tree_at
+from cachesvc.purge.harvest import Harvest
 from cachesvc.purge.paths import PurgeTarget
 from cachesvc.purge.workers import WorkerThread
 
@@ -44,6 +45,7 @@ class _Slot:
     parts: int  # entries still to delete; the last one to finish removes the slot itself
     files: int = 0
     error: BaseException | None = None
+    harvest: Harvest | None = None  # reads each file's key before it is deleted
 
 
 class Trash:
@@ -147,11 +149,12 @@ class Trash:
         for lane in self.lanes + self.catch_up:
             lane.abandon()
 
-    def move_aside(self, target: PurgeTarget, parent_fd: int, name: str) -> bool:
+    def move_aside(self, target: PurgeTarget, parent_fd: int, name: str, harvest: Harvest | None = None) -> bool:
         """Blocking, on the deleter's thread. Move directory *name* (a zone root: its contents) into a new slot.
 
         Returns whether everything moved; the caller deletes what is left in place (an empty zone
-        root: nothing, and no slot). Whatever moved is deleted by the trash in the background.
+        root: nothing, and no slot). Whatever moved is deleted by the trash in the background; a
+        *harvest* records the keys of the files as they are deleted and is finished with the slot.
         """
         if self._fd is None or not self._usable.get(target.root):
             return False
@@ -197,7 +200,7 @@ class Trash:
                 os.close(zone_fd)
             os.close(slot_fd)
             # Even an empty slot is removed, by the same background lanes.
-            record = _Slot(slot, target.path, time.monotonic(), max(1, len(moved)))
+            record = _Slot(slot, target.path, time.monotonic(), max(1, len(moved)), harvest=harvest)
             parts: list[str | None] = [*moved] or [None]
             with self._changed:
                 self._backlog += 1
@@ -221,7 +224,7 @@ class Trash:
             files, error = 0, None
             try:
                 if part is not None:
-                    files = _remove_at(fd, slot.name, part)
+                    files = _remove_at(fd, slot.name, part, slot.harvest.visit if slot.harvest else None)
             except Exception as e:
                 error = e
             with self._lock:
@@ -241,6 +244,8 @@ class Trash:
             slot.error = slot.error or e
         with self._lock:
             self._backlog -= 1
+        if slot.harvest is not None and slot.error is None:
+            slot.harvest.finish()
         if slot.error is not None:
             self._reactor.callFromThread(
                 self.log.error, "background delete of {label!r} failed: {e}", label=slot.label, e=slot.error
@@ -268,21 +273,21 @@ class Trash:
             self.log.info("deleted {files} leftover files from trash {trash}", files=result, trash=self.path)
 
 
-def _remove_at(trash_fd: int, slot: str, part: str) -> int:
+def _remove_at(trash_fd: int, slot: str, part: str, visit: Visit | None = None) -> int:
     """Blocking: delete *part* of *slot* (a directory tree or a file); the files removed."""
     slot_fd = os.open(slot, DIR_FLAGS, dir_fd=trash_fd)
     try:
-        return _remove(slot_fd, part)
+        return _remove(slot_fd, part, visit)
     except FileNotFoundError:
         return 0
     finally:
         os.close(slot_fd)
 
 
-def _remove(parent_fd: int, name: str) -> int:
+def _remove(parent_fd: int, name: str, visit: Visit | None = None) -> int:
     """Delete *name* in *parent_fd*: a directory tree (never followed if a symlink) or a file."""
     try:
-        return remove_tree_at(parent_fd, name)
+        return remove_tree_at(parent_fd, name, visit)
     except OSError as e:
         if e.errno not in (errno.ENOTDIR, errno.ELOOP):
             raise

@@ -110,6 +110,7 @@ class Zone:
     levels: tuple[int, ...]
     key: str
     methods: tuple[str, ...]
+    mode: str = "hard"  # for purges without soft:/hard: in this zone
 
     def matches(self, host: str) -> bool:
         return "*" in self.hosts or host in self.hosts
@@ -124,31 +125,55 @@ class ZoneMap:
     def __init__(self, zones: Sequence[Zone], policy: PathPolicy) -> None:
         self.policy = policy
         self.zones = tuple(zones)
+        self._directories = [
+            (re.compile("[^/]+".join(re.escape(part) for part in zone.path.split("{host}")) + "(?:/|$)"), zone)
+            for zone in self.zones
+        ]
+
+    def zone_of(self, target: PurgeTarget) -> Zone | None:
+        """The first configured zone whose directory is *target* or holds it (for its purge mode)."""
+        path = target.path
+        return next((zone for pattern, zone in self._directories if pattern.match(path)), None)
 
     def files(self, url: str) -> list[PurgeTarget]:
         """Every cache file that may hold *url*: each matching zone, method, and the trailing-slash twin."""
-        request = parse_url(url)
         found: list[PurgeTarget] = []
+        for _, targets in self.files_by_zone(url):
+            found.extend(t for t in targets if t not in found)
+        return found
+
+    def files_by_zone(self, url: str) -> list[tuple[Zone, list[PurgeTarget]]]:
+        """:meth:`files`, grouped by the zone that holds them (a file in two zones is listed under the first)."""
+        request = parse_url(url)
+        seen: set[PurgeTarget] = set()
+        found: list[tuple[Zone, list[PurgeTarget]]] = []
         for zone, directory in self._zones_for(request):
+            targets: list[PurgeTarget] = []
             for variant in dict.fromkeys([request, request.twin()]):
                 for method in zone.methods:
                     key = render_key(zone.key, variant.variables(method))
                     target = self.policy.target(cache_file(directory, zone.levels, key).encode())
-                    if target not in found:
-                        found.append(target)
+                    if target not in seen:
+                        seen.add(target)
+                        targets.append(target)
+            found.append((zone, targets))
         return found
 
     def prefixes(self, url: str) -> list[tuple[PurgeTarget, list[bytes]]]:
         """For ``…/blog/*``: each matching zone directory and the key prefixes to delete in it."""
+        return [(directory, keys) for _, directory, keys in self.prefixes_by_zone(url)]
+
+    def prefixes_by_zone(self, url: str) -> list[tuple[Zone, PurgeTarget, list[bytes]]]:
+        """:meth:`prefixes`, with the zone each directory belongs to."""
         request = parse_url(url)
-        found: list[tuple[PurgeTarget, list[bytes]]] = []
+        found: list[tuple[Zone, PurgeTarget, list[bytes]]] = []
         for zone, directory in self._zones_for(request):
             tail = VARIABLE.split(zone.key)[-1]
             last = list(VARIABLE.finditer(zone.key))
             if tail or not last or (last[-1].group(1) or last[-1].group(2)) not in ("request_uri", "uri"):
                 raise Refused("prefix purge needs a zone key that ends with $request_uri or $uri")
             keys = [render_key(zone.key, request.variables(m)).encode() for m in zone.methods]
-            found.append((self.policy.target(directory.encode()), list(dict.fromkeys(keys))))
+            found.append((zone, self.policy.target(directory.encode()), list(dict.fromkeys(keys))))
         return found
 
     def _zones_for(self, request: Request) -> Iterator[tuple[Zone, str]]:
