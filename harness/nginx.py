@@ -171,12 +171,15 @@ def cache_files(zone: Path) -> list[Path]:
 # --- the stack ----------------------------------------------------------------------------------------
 
 
-def _has_user(name: str) -> bool:
+def _worker() -> tuple[int, int] | None:
+    """(uid, gid) of the user nginx's workers run as: www-data when we are root, else ourselves (None)."""
+    if os.geteuid() != 0:
+        return None
     try:
-        pwd.getpwnam(name)
-        return True
+        entry = pwd.getpwnam("www-data")
     except KeyError:
-        return False
+        return None
+    return entry.pw_uid, entry.pw_gid
 
 
 def _indent(yaml: str) -> str:
@@ -210,6 +213,7 @@ class Stack:
         self.origin = f"http://127.0.0.1:{self.web_port}"
         self.daemon: Daemon | None = None
         self.daemon_yaml: str | None = None
+        self.worker = _worker()
         self.nginx: subprocess.Popen[bytes] | None = None
         try:
             self._start_nginx(connections)
@@ -226,7 +230,7 @@ class Stack:
         self.close()
 
     def _start_nginx(self, connections: int) -> None:
-        user = "user www-data;" if os.geteuid() == 0 and _has_user("www-data") else ""
+        user = "user www-data;" if self.worker else ""
         zones, servers = "", ""
         for i, site in enumerate(self.sites.values()):
             name, temp = f"zone{i}", "on" if site.use_temp_path else "off"
@@ -352,6 +356,26 @@ class Stack:
 
     def zone(self, host: str) -> Path:
         return self.root / host
+
+    def dirs(self, directory: Path) -> Path:
+        """Make *directory* (below the root) and its parents as nginx's worker would (0700, its owner)."""
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.worker:
+            parent = directory
+            while parent != self.root and parent.is_relative_to(self.root):
+                os.chown(parent, *self.worker)
+                parent = parent.parent
+        return directory
+
+    def plant(self, path: Path, content: bytes) -> Path:
+        """Write *path* below a zone as nginx's worker would own it (directories 0700, the file 0600), so
+        that nginx can still cache beside it."""
+        self.dirs(path.parent)
+        path.write_bytes(content)
+        os.chmod(path, 0o600)
+        if self.worker:
+            os.chown(path, *self.worker)
+        return path
 
     def purge(self, line: str | bytes) -> bytes:
         """One purge line (a newline added if missing), as the SpinupWP client sends it; the reply."""

@@ -155,26 +155,23 @@ def test_soft_purge_without_use_stale_is_expired_with_the_new_body(stack: Stack,
 # --- what a soft target holds besides cache entries ---------------------------------------------
 
 
-def plant(zone: Path, relative: str, content: bytes) -> Path:
-    path = zone / relative
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.write_bytes(content)
-    return path
-
-
 def test_non_cache_and_temp_files_in_a_soft_site_target_are_removed(stack: Stack, temp: str) -> None:
     host = f"s-{temp}.example"
     zone = stack.zone(host)
     old = cached(stack, host, ["/real"])
+
+    def plant(relative: str, content: bytes) -> Path:
+        return stack.plant(zone / relative, content)
+
     v4 = bytearray(entry_bytes(f"httpGET{host}/v4"))
     v4[0] = 4
     junk = [
-        plant(zone, "a/bc/" + "1" * 29 + "bca", b"hello"),  # too short for a header
-        plant(zone, "a/bc/" + "2" * 29 + "bca", bytes(v4)),  # wrong version
-        plant(zone, "a/bc/" + "3" * 29 + "bca.0000000001", entry_bytes(f"httpGET{host}/tmp")),  # a temp file
-        plant(zone, "a/bc/" + "4" * 29 + "bca.1234567890", b"partial"),
-        plant(zone, "notes.txt", b"a note"),
-        plant(zone, "f/0e/readme", b"not a cache file"),
+        plant("a/bc/" + "1" * 29 + "bca", b"hello"),  # too short for a header
+        plant("a/bc/" + "2" * 29 + "bca", bytes(v4)),  # wrong version
+        plant("a/bc/" + "3" * 29 + "bca.0000000001", entry_bytes(f"httpGET{host}/tmp")),  # a temp file
+        plant("a/bc/" + "4" * 29 + "bca.1234567890", b"partial"),
+        plant("notes.txt", b"a note"),
+        plant("f/0e/readme", b"not a cache file"),
     ]
     assert stack.purge(f"soft:{zone}") == OK
     left = [str(p.relative_to(zone)) for p in junk if os.path.lexists(p)]
@@ -185,7 +182,7 @@ def test_non_cache_and_temp_files_in_a_soft_site_target_are_removed(stack: Stack
 def test_a_non_cache_file_at_a_soft_url_target_is_removed(stack: Stack, temp: str) -> None:
     host = f"s-{temp}.example"
     target = stack.file(host, "/junk")
-    plant(stack.zone(host), str(target.relative_to(stack.zone(host))), b"<html>not a cache file</html>")
+    stack.plant(target, b"<html>not a cache file</html>")
     assert stack.purge(f"soft:http://{host}/junk") == OK
     assert not os.path.lexists(target)
     assert stack.status(host, "/junk") == "MISS"
@@ -213,7 +210,7 @@ def test_symlinks_in_a_soft_site_target_are_removed_not_followed(stack: Stack, t
     old = cached(stack, host, ["/beside-links"])
     file_target, file_data, file_mtime = outside_entry(stack, f"file-{temp}")
     dir_target, dir_data, dir_mtime = outside_entry(stack, f"dir-{temp}/" + "5" * 29 + "e9c")
-    (zone / "c" / "9e").mkdir(parents=True, exist_ok=True, mode=0o700)
+    stack.dirs(zone / "c" / "9e")
     file_link = zone / "c" / "9e" / ("6" * 29 + "9ec")
     file_link.symlink_to(file_target)
     dir_link = zone / "linked-dir"
@@ -229,7 +226,7 @@ def test_a_symlink_at_a_soft_url_target_is_removed_not_followed(stack: Stack, te
     host = f"s-{temp}.example"
     target, data, mtime = outside_entry(stack, f"url-{temp}")
     link = stack.file(host, "/linked")
-    link.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stack.dirs(link.parent)
     link.symlink_to(target)
     assert stack.purge(f"soft:http://{host}/linked") == OK
     assert not os.path.lexists(link)
