@@ -167,12 +167,13 @@ class Purger:
             return same.observe()
         ancestors = [op.observe() for (_, t), op in self._inflight.items() if t.contains(target)]
         op = self._inflight[key] = _Shared()
+        observed = op.observe()  # before the work starts: it may finish at once
         ready = DeferredList(ancestors, consumeErrors=True) if ancestors else succeed(None)
         ready.addCallback(lambda _: start())
         if harvest is not None:
             ready.addErrback(_passing(harvest.finish))  # a failed purge warms what it managed to record
         ready.addBoth(self._settle, key, op)
-        return op.observe()
+        return observed
 
     def _settle(self, result: Any, key: tuple[str, PurgeTarget], op: _Shared) -> None:
         del self._inflight[key]
