@@ -163,6 +163,23 @@ def page_number(body: str) -> int:
     return int(match.group(1))
 
 
+def page_on_disk(path: Path | str) -> int | None:
+    """The page number (``#N``) of the body a cache file holds, if it exists and is fresh; else None.
+    (Inode numbers cannot tell a new entry from an old one: a deleted file's is soon reused.)"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+    if len(data) < HEADER.size or struct.unpack_from("<q", data, 8)[0] < time.time():
+        return None
+    match = re.search(rb"#(\d+)</html>", data)
+    return int(match.group(1)) if match else None
+
+
 def cache_files(zone: Path) -> list[Path]:
     """Every finished cache entry (32 hex digits) under *zone*."""
     return [p for p in zone.rglob("*") if len(p.name) == 32 and p.is_file()]
@@ -299,7 +316,8 @@ class Stack:
     def logs(self, lines: int = 30) -> str:
         """The tails of the daemon's and nginx's logs, for an assertion message."""
         daemon = "\n".join(self.log.splitlines()[-lines:])
-        nginx = "\n".join(line for line in self.nginx_log().splitlines()[-lines:] if "[notice]" not in line)
+        quiet = ("[notice]", "[info]", "[debug]")
+        nginx = "\n".join([x for x in self.nginx_log().splitlines() if not any(q in x for q in quiet)][-lines:])
         return f"\n--- daemon log (tail) ---\n{daemon}\n--- nginx error log (tail) ---\n{nginx}"
 
     def wait(self, check: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -2,8 +2,9 @@
 what it purged, through nginx, so that the next visitor finds a HIT.
 
 Nothing here sends a visitor request between a purge and the check that the pages are back: the
-cache files are watched on disk (a new inode, a ``valid_sec`` in the future), and the FastCGI origin
-records what reached it (``User-Agent: cachesvc-warm/...``, no Cookie) and how many at once.
+cache files are watched on disk (a page is back when its file is fresh and holds a newer answer of
+the origin, ``#N`` in the body), and the FastCGI origin records what reached it
+(``User-Agent: cachesvc-warm/...``, no Cookie) and how many requests at once.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import pytest
 
 from harness.fastcgi import Request, overlap
-from harness.nginx import OK, Site, Stack, cache_files, is_fresh, page_number
+from harness.nginx import OK, Site, Stack, cache_files, page_number, page_on_disk
 
 TEMP = {"on": True, "off": False}
 AGENT = "cachesvc-warm/"
@@ -64,26 +64,19 @@ def empty(stack: Stack, host: str) -> None:
             child.unlink()
 
 
-def cached(stack: Stack, host: str, paths: list[str], clear: bool = True) -> dict[str, tuple[str, int]]:
-    """Make every path a HIT (in a zone emptied first, unless *clear* is false); {path: (body, inode)}."""
+def cached(stack: Stack, host: str, paths: list[str], clear: bool = True) -> dict[str, str]:
+    """Make every path a HIT (in a zone emptied first, unless *clear* is false); {path: body}."""
     if clear:
         empty(stack, host)
-    out = {}
-    for path in paths:
-        body = stack.until_hit(host, path)
-        out[path] = (body, stack.file(host, path).stat().st_ino)
-    return out
+    return {path: stack.until_hit(host, path) for path in paths}
 
 
-def rewarmed(stack: Stack, host: str, before: dict[str, tuple[str, int]], timeout: float = 30.0) -> None:
-    """Wait until every entry was replaced by nginx (a new inode, fresh) without a visitor request."""
+def rewarmed(stack: Stack, host: str, before: dict[str, str], timeout: float = 30.0) -> None:
+    """Wait until nginx has cached every page anew (a fresh file with a newer page), without a visitor."""
 
     def back(path: str) -> bool:
-        target = stack.file(host, path)
-        try:
-            return target.stat().st_ino != before[path][1] and is_fresh(target)
-        except OSError:
-            return False
+        number = page_on_disk(stack.file(host, path))
+        return number is not None and number > page_number(before[path])
 
     stack.wait(lambda: all(back(p) for p in before), timeout, f"{len(before)} pages of {host} warmed back")
 
@@ -103,8 +96,8 @@ def assert_warm_requests(stack: Stack, host: str, requests: list[Request], paths
     assert sorted({r.uri for r in requests}) == sorted(paths)
 
 
-def assert_hits_with_new_bodies(stack: Stack, host: str, before: dict[str, tuple[str, int]]) -> None:
-    for path, (body, _) in before.items():
+def assert_hits_with_new_bodies(stack: Stack, host: str, before: dict[str, str]) -> None:
+    for path, body in before.items():
         status, new = stack.get(host, path)
         assert status == "HIT", f"{host}{path}: {status} after the warm-up{stack.logs()}"
         assert page_number(new) > page_number(body), f"{host}{path}: still the page from before the purge"
@@ -171,8 +164,8 @@ def test_url_purge_warms_that_url(stack: Stack, temp: str) -> None:
     rewarmed(stack, host, before)
     assert_warm_requests(stack, host, settled(stack, mark), ["/url/1"])
     assert_hits_with_new_bodies(stack, host, before)
-    assert stack.file(host, "/url/2").stat().st_ino == kept["/url/2"][1]
-    assert stack.get(host, "/url/2") == ("HIT", kept["/url/2"][0])
+    assert page_on_disk(stack.file(host, "/url/2")) == page_number(kept["/url/2"])
+    assert stack.get(host, "/url/2") == ("HIT", kept["/url/2"])
 
 
 def test_prefix_purge_warms_what_it_removed(stack: Stack, temp: str) -> None:
@@ -184,7 +177,7 @@ def test_prefix_purge_warms_what_it_removed(stack: Stack, temp: str) -> None:
     assert stack.purge(f"http://{host}/news/*") == OK
     rewarmed(stack, host, before)
     assert_warm_requests(stack, host, settled(stack, mark), before)
-    assert stack.file(host, "/other").stat().st_ino == kept["/other"][1]
+    assert page_on_disk(stack.file(host, "/other")) == page_number(kept["/other"])
 
 
 @pytest.mark.parametrize("kind", ["ws", "w"], ids=["use_stale", "plain"])
@@ -213,4 +206,4 @@ def test_files_outside_the_purge_are_not_warmed(stack: Stack, temp: str) -> None
     rewarmed(stack, host, before)
     requests = settled(stack, mark)
     assert [r.host for r in requests if r.host != host] == []
-    assert Path(stack.file(other, "/theirs")).stat().st_ino == theirs["/theirs"][1]
+    assert page_on_disk(stack.file(other, "/theirs")) == page_number(theirs["/theirs"])
