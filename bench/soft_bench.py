@@ -4,11 +4,12 @@ A zone laid out as nginx's ``levels=1:2`` holds ``--files`` real version-5 cache
 of the key, the 336-byte header with ``valid_sec`` an hour ahead and ``date`` now, ``\\nKEY: ...\\n``
 at 336, a stored FastCGI response, a 512-byte body). One ``twistd cachesvc`` (its zone listed in the
 config) gets ``soft:<zone>``, and the round trip to its ``Purge: Success`` is timed. The reference is
-a tight loop in a separate Python process on the same tree: a scandir walk, then for each file
-``open(O_RDWR|O_NOFOLLOW)``, read the header, check the version and ``valid_sec``, ``pwrite`` 8 bytes at
-offset 8, close. Before every run (of either) every ``valid_sec`` is set an hour ahead again and the
-dirty pages are synced; the runs alternate, the first of each only warms the page cache. After the
-last daemon run every file's ``valid_sec`` must be in the past.
+a tight loop in a separate Python process on the same tree, descriptor-relative as the daemon's walk:
+a scandir walk (``scandir(fd)``, ``open(name, dir_fd=...)``), then for each file
+``open(O_RDWR|O_NOFOLLOW)``, read the header (one ``pread``), check the version and ``valid_sec``,
+``pwrite`` 8 bytes at offset 8, close. Before every run (of either) every ``valid_sec`` is set an
+hour ahead again and the dirty pages are synced; the runs alternate, the first of each only warms
+the page cache. After the last daemon run every file's ``valid_sec`` must be in the past.
 
 Target: the daemon's reply within 1.5 x the tight loop's time (median of ``--runs``).
 
@@ -42,25 +43,33 @@ BODY = b"<html>" + b"x" * 499 + b"</html>"
 TIGHT_LOOP = """
 import os, struct, sys, time
 FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-def walk(path):
-    with os.scandir(path) as it:
-        for entry in it:
-            if entry.is_dir(follow_symlinks=False):
-                yield from walk(entry.path)
-            else:
-                yield entry.path
+DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 started = time.perf_counter()
 now = time.time()
 past = struct.pack("<q", int(now) - 1)
 n = 0
-for path in walk(sys.argv[1]):
-    fd = os.open(path, FLAGS)
-    header = os.read(fd, 4096)
-    version, valid = struct.unpack_from("<Qq", header)
-    if version == 5 and valid >= now:
-        os.pwrite(fd, past, 8)
-        n += 1
-    os.close(fd)
+def walk(dir_fd):
+    global n
+    with os.scandir(dir_fd) as it:
+        entries = list(it)
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            fd = os.open(entry.name, DIR, dir_fd=dir_fd)
+            try:
+                walk(fd)
+            finally:
+                os.close(fd)
+        else:
+            fd = os.open(entry.name, FLAGS, dir_fd=dir_fd)
+            header = os.pread(fd, 4096, 0)
+            version, valid = struct.unpack_from("<Qq", header)
+            if version == 5 and valid >= now:
+                os.pwrite(fd, past, 8)
+                n += 1
+            os.close(fd)
+top = os.open(sys.argv[1], DIR)
+walk(top)
+os.close(top)
 print(n, time.perf_counter() - started)
 """
 
