@@ -30,11 +30,14 @@ def write_entry(
     body: bytes = b"<html>cached</html>",
     valid_sec: int = FRESH_UNTIL,
     date: int | None = None,
+    headers: str = "",
 ) -> Path:
+    """A cache file for *key*; *headers* are extra response header lines (``"X-Cache-Tags: a b\\r\\n"``)."""
     path = entry_path(zone, key, levels)
     path.parent.mkdir(parents=True, exist_ok=True)
-    head = cachefile.pack_header(valid_sec, int(time.time()) if date is None else date, key.encode())
-    path.write_bytes(head + b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n" + body)
+    stored = f"Status: 200 OK\r\nContent-Type: text/html\r\n{headers}\r\n".encode()
+    head = cachefile.pack_header(valid_sec, int(time.time()) if date is None else date, key.encode(), stored)
+    path.write_bytes(head + body)
     os.chmod(path, 0o600)
     return path
 

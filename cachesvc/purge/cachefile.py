@@ -42,12 +42,16 @@ class Entry:
     key: bytes | None  # None: the key line runs past MAX_HEAD
 
 
-def pack_header(valid_sec: int, date: int, key: bytes, body_start: int | None = None) -> bytes:
-    """A version 5 header and key line as nginx writes them (for tests, benchmarks and the harness)."""
+def pack_header(valid_sec: int, date: int, key: bytes, headers: bytes = b"") -> bytes:
+    """A version 5 header, key line and stored response *headers* as nginx writes them: all before the body.
+
+    For tests, benchmarks and the harness.
+    """
     key_line = KEY_MARK + key + b"\n"
-    start = HEADER_SIZE + len(key_line)
-    fields = (VERSION, valid_sec, 0, 0, -1, date, 0, 0, start, body_start or start, 0, b"", 0, b"", b"")
-    return HEADER.pack(*fields) + key_line
+    header_start = HEADER_SIZE + len(key_line)
+    body_start = header_start + len(headers)
+    fields = (VERSION, valid_sec, 0, 0, -1, date, 0, 0, header_start, body_start, 0, b"", 0, b"", b"")
+    return HEADER.pack(*fields) + key_line + headers
 
 
 def parse(head: bytes) -> Entry | None:
@@ -60,6 +64,12 @@ def parse(head: bytes) -> Entry | None:
     start = HEADER_SIZE + len(KEY_MARK)
     end = head.find(b"\n", start)
     return Entry(valid_sec, date, head[start:end] if end >= 0 else None)
+
+
+def header_region(head: bytes) -> tuple[int, int]:
+    """(``header_start``, ``body_start``) of a version 5 header: where the stored upstream headers are."""
+    fields = HEADER.unpack_from(head)
+    return fields[8], fields[9]
 
 
 def key_anywhere(head: bytes) -> bytes | None:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from cachesvc.configfile import ConfigError, Duration, check_server_endpoint, label, shown
 from cachesvc.purge.paths import PathPolicy, Refused
+from cachesvc.purge.tags import DEFAULT_HEADERS
 from cachesvc.purge.zones import VARIABLE, VARIABLES, Zone
 
 
@@ -74,6 +75,20 @@ class WarmSettings:
 
 
 @dataclass
+class TagsConfig:
+    """``purge.tags``: an index of the cache by the tags each entry's stored response header names."""
+
+    enabled: bool = False
+    headers: list[str] = field(default_factory=lambda: list(DEFAULT_HEADERS))
+
+
+@dataclass(frozen=True)
+class TagsSettings:
+    enabled: bool = False
+    headers: tuple[str, ...] = DEFAULT_HEADERS
+
+
+@dataclass
 class PurgeConfig:
     """The ``purge:`` section as written: the SpinupWP-compatible purge service."""
 
@@ -86,6 +101,7 @@ class PurgeConfig:
     max_connections: int = 512
     mode: str = "hard"
     warm: WarmConfig = field(default_factory=WarmConfig)
+    tags: TagsConfig = field(default_factory=TagsConfig)
 
 
 @dataclass(frozen=True)
@@ -101,6 +117,7 @@ class PurgeSettings:
     max_connections: int = 512
     mode: str = "hard"  # for lines without soft:/hard:, in no zone with a mode of its own
     warm: WarmSettings = WarmSettings()
+    tags: TagsSettings = TagsSettings()
 
 
 def check_purge(purge: PurgeConfig, source: str | None = None) -> PurgeSettings:
@@ -138,7 +155,25 @@ def check_purge(purge: PurgeConfig, source: str | None = None) -> PurgeSettings:
         max_connections=purge.max_connections,
         mode=purge.mode,
         warm=_check_warm(purge.warm, source),
+        tags=_check_tags(purge.tags, source),
     )
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+
+
+def _check_tags(tags: TagsConfig, source: str | None) -> TagsSettings:
+    if not tags.headers:
+        raise ConfigError(
+            f"{label('purge.tags.headers', source)}: list at least one response header, e.g. [X-Cache-Tags]"
+        )
+    for i, name in enumerate(tags.headers):
+        if not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{label(f'purge.tags.headers[{i}]', source)}: {shown(name)} is not an HTTP header name "
+                "(letters, digits and -, at most 64 characters), e.g. X-Cache-Tags"
+            )
+    return TagsSettings(enabled=tags.enabled, headers=tuple(tags.headers))
 
 
 def _check_mode(mode: str, where: str, source: str | None) -> None:

@@ -24,6 +24,7 @@ from cachesvc.purge import cachefile
 from cachesvc.purge.fstree import DIR_FLAGS, open_dir, open_parent
 from cachesvc.purge.harvest import Harvest
 from cachesvc.purge.paths import PurgeTarget, Refused
+from cachesvc.purge.tags import read_tagged
 from cachesvc.purge.workers import WorkerThread
 
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -62,8 +63,12 @@ class WalkRequest:
     prefixes: tuple[bytes, ...] | None
     mode: str = "hard"
     harvest: Harvest | None = None
+    tags: frozenset[str] | None = None  # only entries carrying one of these (read from *headers*)
+    headers: tuple[bytes, ...] = ()
 
-    def matches(self, key: bytes | None) -> bool:
+    def matches(self, key: bytes | None, carried: tuple[str, ...]) -> bool:
+        if self.tags is not None and self.tags.isdisjoint(carried):
+            return False
         return self.prefixes is None or (key is not None and key.startswith(self.prefixes))
 
 
@@ -113,7 +118,7 @@ def walk_tree(
             return walker.results(0.0)
         if stat.S_ISDIR(st.st_mode):
             top = open_dir(target)
-        elif any(r.prefixes is not None for r in requests) and stat.S_ISLNK(st.st_mode):
+        elif any(r.prefixes is not None or r.tags is not None for r in requests) and stat.S_ISLNK(st.st_mode):
             raise Refused(f"symlink at {target.path}")  # a prefix purge walks a zone: never through a link
         else:
             walker.file(parent, name, stat.S_ISREG(st.st_mode))
@@ -153,7 +158,8 @@ class _Walker:
         self.now = now
         self.scanned = self.deleted = self.marked = 0
         self._counts = [ScanResult() for _ in requests]
-        self._everything = [r for r in requests if r.prefixes is None]
+        self._everything = [r for r in requests if r.prefixes is None and r.tags is None]
+        self._headers = tuple(dict.fromkeys(h for r in requests if r.tags is not None for h in r.headers))
         self._flags = cachefile.WRITE_FLAGS if any(r.mode == "soft" for r in requests) else _FILE_FLAGS
 
     def results(self, seconds: float) -> list[ScanResult]:
@@ -180,7 +186,8 @@ class _Walker:
                 head = b""  # not a readable file (a fifo swapped in): no key, not a cache file
             entry = cachefile.parse(head)
             key = entry.key if entry is not None else cachefile.key_anywhere(head)
-            matched = [r for r in self.requests if r.matches(key)]
+            carried = self._carried(fd, entry)
+            matched = [r for r in self.requests if r.matches(key, carried)]
             if not matched:
                 return
             hard = any(r.mode == "hard" for r in matched)
@@ -200,6 +207,16 @@ class _Walker:
             self._count_deleted(matched)
             if entry is not None:
                 self._harvest(matched, entry, key)
+
+    def _carried(self, fd: int, entry: cachefile.Entry | None) -> tuple[str, ...]:
+        """The tags of the open file, when a tag purge waits on this walk (only cache files carry tags)."""
+        if not self._headers or entry is None:
+            return ()
+        try:
+            tagged = read_tagged(fd, self._headers)
+        except OSError:
+            return ()
+        return tagged.tags if tagged is not None else ()
 
     def _count_deleted(self, matched: Sequence[WalkRequest]) -> None:
         self.deleted += 1
@@ -244,14 +261,21 @@ class PrefixScanner:
         self._now: Callable[[], float] = time.time if reactor is None else reactor.seconds
 
     def scan(
-        self, zone: PurgeTarget, prefixes: Sequence[bytes] | None, mode: str = "hard", harvest: Harvest | None = None
+        self,
+        zone: PurgeTarget,
+        prefixes: Sequence[bytes] | None,
+        mode: str = "hard",
+        harvest: Harvest | None = None,
+        tags: frozenset[str] | None = None,
+        headers: tuple[bytes, ...] = (),
     ) -> Deferred[ScanResult]:
-        """Purge the entries below *zone* whose key starts with one of *prefixes* (``None``: all of them)."""
+        """Purge the entries below *zone* whose key starts with one of *prefixes* (``None``: all of them)
+        and, with *tags*, that carry one of them in one of the *headers*."""
         d: Deferred[ScanResult] = Deferred()
         walk = self._waiting.get(zone)
         if walk is None:
             walk = self._waiting[zone] = _Walk(zone)
-        request = WalkRequest(None if prefixes is None else tuple(prefixes), mode, harvest)
+        request = WalkRequest(None if prefixes is None else tuple(prefixes), mode, harvest, tags, headers)
         walk.requests.append((request, d))
         self._dispatch()
         return d

@@ -11,6 +11,7 @@ that purge first. With warming on, what a purge removed or marked is requested a
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -25,9 +26,13 @@ from cachesvc.purge.keyurl import url_maker
 from cachesvc.purge.nginxcache import PrefixScanner, ScanResult
 from cachesvc.purge.paths import PathPolicy, PurgeTarget, Refused
 from cachesvc.purge.ratelimit import LogBudget
+from cachesvc.purge.tags import MAX_TAG_BYTES, MAX_TAGS
+from cachesvc.purge.tagwatch import TagIndex
 from cachesvc.purge.zones import Zone, ZoneMap
 
 URL_SCHEMES = (b"http://", b"https://")
+TAG_PREFIX = b"tag:"
+_TAG_SEPARATORS = re.compile(rb"[ ,\t]+")
 MODE_PREFIXES = ((b"soft:", "soft"), (b"hard:", "hard"))
 
 Warm = Callable[[str, list[str], int], None]
@@ -75,6 +80,7 @@ class Purger:
         warm: Warm | None = None,
         warm_limit: int = 10000,
         reactor: Any = None,
+        tags: TagIndex | None = None,
     ) -> None:
         self.policy = policy
         self.deleter = deleter
@@ -84,6 +90,7 @@ class Purger:
         self.mode = mode
         self.warm = warm
         self.warm_limit = warm_limit
+        self.tags = tags
         self._reactor = reactor if reactor is not None else clock
         self._makers = {zone: url_maker(zone.key) for zone in zones.zones} if zones is not None else {}
         self._inflight: dict[tuple[str, PurgeTarget], _Shared] = {}
@@ -103,6 +110,8 @@ class Purger:
             mode, line = split_mode(raw)
             if line.startswith(URL_SCHEMES):
                 work: Deferred[tuple[str, str]] = self._purge_url(line, mode, gathering)
+            elif line.startswith(TAG_PREFIX):
+                work = self._purge_tags(line[len(TAG_PREFIX) :], mode, gathering)
             else:
                 work = self._purge_path(self.policy.target(line), mode, gathering)
         except Refused as e:
@@ -221,6 +230,35 @@ class Purger:
                 total.deleted += value.files or 0
         return _outcome(total), f", {_counts(total)}"
 
+    # --- tags -------------------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def _purge_tags(
+        self, rest: bytes, mode: str | None, gathering: Gathering | None
+    ) -> Generator[Deferred[Any], Any, tuple[str, str]]:
+        index, scanner = self.tags, self.scanner
+        if index is None or scanner is None:
+            raise Refused("tag purges need purge.tags.enabled: true in the config")
+        scope_raw, space, listed = rest.partition(b" ")
+        if not space:
+            raise Refused("a tag purge is tag:<scope> <tag>[,<tag>...]")
+        scope = self.policy.target(scope_raw)
+        tags = parse_tag_list(listed)
+        zone = self.zones.zone_of(scope) if self.zones is not None else None
+        mode = mode or (zone.mode if zone is not None else self.mode)
+        harvest = self._harvest(gathering, zone)
+        try:
+            result = yield index.purge(scope, tags, mode, harvest)
+            how = "the index"
+            if result is None:
+                result = yield scanner.scan(scope, None, mode, harvest, tags, index.headers)
+                how = "a scan (the index is not ready)"
+        finally:
+            if harvest is not None:
+                harvest.finish()
+        purged = f"{result.marked} marked expired" if mode == "soft" else f"{result.deleted} deleted"
+        return _outcome(result), f", {purged} of {result.scanned} candidates, answered by {how}"
+
     # --- warming ----------------------------------------------------------------------------------
 
     def _gathering(self, raw: bytes) -> Gathering | None:
@@ -245,6 +283,18 @@ class Purger:
             self._failed.emit(LogLevel.warn, line, path=path, outcome=outcome, detail=detail, ms=ms)
         else:
             self.log.info(line, path=path, outcome=outcome, detail=detail, ms=ms)
+
+
+def parse_tag_list(listed: bytes) -> frozenset[str]:
+    """``post-42,home term-7`` → the tags; :class:`Refused` for none, too many or too long."""
+    raw = [t for t in _TAG_SEPARATORS.split(listed.strip()) if t]
+    if not raw:
+        raise Refused("no tags after the scope; a tag purge is tag:<scope> <tag>[,<tag>...]")
+    if len(raw) > MAX_TAGS:
+        raise Refused(f"more than {MAX_TAGS} tags in one purge")
+    if any(len(t) > MAX_TAG_BYTES for t in raw):
+        raise Refused(f"a tag longer than {MAX_TAG_BYTES} bytes")
+    return frozenset(t.decode("utf-8", "surrogateescape") for t in raw)
 
 
 def _passing(call: Callable[[], None]) -> Callable[[Any], Any]:

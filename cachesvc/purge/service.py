@@ -27,6 +27,8 @@ from cachesvc.purge.nginxcache import PrefixScanner
 from cachesvc.purge.paths import PathPolicy
 from cachesvc.purge.protocol import PurgeFactory
 from cachesvc.purge.purger import Purger
+from cachesvc.purge.tags import header_names
+from cachesvc.purge.tagwatch import TagIndex
 from cachesvc.purge.trash import Trash
 from cachesvc.purge.warm import Warmer
 from cachesvc.purge.workers import WorkerThread
@@ -64,10 +66,16 @@ class PurgeService(MultiService):
         if settings.warm.enabled:
             self.warmer = Warmer(settings.warm, reactor, __version__)
             self.addService(self.warmer)
+        self.tags: TagIndex | None = None
+        self.tag_lanes: list[WorkerThread] = []
+        if settings.tags.enabled:
+            self.tag_lanes = [WorkerThread(reactor, "cachesvc-tags"), WorkerThread(reactor, "cachesvc-tag-scan")]
+            lane, scan_lane = self.tag_lanes
+            self.tags = TagIndex(settings.zones, policy, header_names(settings.tags.headers), lane, scan_lane, reactor)
         self.purger = Purger(
             policy, deleter, reactor, ZoneMap(settings.zones, policy), scanner, mode=settings.mode,
             warm=self.warmer.warm if self.warmer is not None else None, warm_limit=settings.warm.max_entries,
-            reactor=reactor,
+            reactor=reactor, tags=self.tags,
         )
         self._zones = settings.zones
         self.factory = PurgeFactory(
@@ -94,8 +102,10 @@ class PurgeService(MultiService):
                     )
         self.trash.open()  # starts the trash's lanes when the trash is usable
         self.lane.start()
-        for lane in self.scan_lanes:
+        for lane in self.scan_lanes + self.tag_lanes:
             lane.start()
+        if self.tags is not None:
+            self.tags.start()
         MultiService.startService(self)
 
     def stopService(self) -> Deferred[None]:
@@ -105,7 +115,9 @@ class PurgeService(MultiService):
 
     def _stop_threads(self, result: Any) -> Any:
         self.trash.close()  # the next start deletes what is left in the trash
-        for lane in self.scan_lanes:
+        if self.tags is not None:
+            self.tags.stop()
+        for lane in self.scan_lanes + self.tag_lanes:
             lane.abandon()
         return self.lane.stop().addCallback(lambda _: result)
 

@@ -1,0 +1,77 @@
+"""The tags a cached page carries: a response header stored in its cache file, read back by the daemon.
+
+The origin labels a response (``X-Cache-Tags: post-42 home term-7``); nginx stores every upstream
+header in the cache file, from ``header_start`` to ``body_start``, even those it hides from
+visitors. Tags are separated by spaces and/or commas and compared exactly. A header may come
+several times; its tags add up. Blocking reads: worker threads only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cachesvc.purge import cachefile
+
+MAX_TAGS = 1000
+"""Tags kept per entry; the rest are ignored (and the entry logged once)."""
+
+MAX_TAG_BYTES = 1024
+"""A longer tag is ignored."""
+
+MAX_HEADERS = 64 * 1024
+"""nginx's header region is at most this long (``body_start`` is 16 bits)."""
+
+_SEPARATORS = re.compile(rb"[ ,\t]+")
+DEFAULT_HEADERS = ("X-Cache-Tags", "Cache-Tag", "Surrogate-Key", "xkey")
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """A version 5 cache file's entry and its tags; *dropped*: tags ignored for the limits."""
+
+    entry: cachefile.Entry
+    tags: tuple[str, ...]
+    dropped: int = 0
+
+
+def header_names(names: Sequence[str]) -> tuple[bytes, ...]:
+    """Header names as they are matched: lower-case bytes, each followed by ``:``."""
+    return tuple(name.lower().encode("latin-1") + b":" for name in names)
+
+
+def parse_tags(head: bytes, names: tuple[bytes, ...]) -> Tagged | None:
+    """The tags in *head* (a cache file's first bytes, up to ``body_start``); ``None`` if not a cache file."""
+    entry = cachefile.parse(head)
+    if entry is None:
+        return None
+    start, end = cachefile.header_region(head)
+    tags: dict[str, None] = {}
+    dropped = 0
+    for line in head[start:end].split(b"\n"):
+        lowered = line[: 64].lower()
+        name = next((n for n in names if lowered.startswith(n)), None)
+        if name is None:
+            continue
+        for raw in _SEPARATORS.split(line[len(name) :].strip(b" \t\r")):
+            if not raw:
+                continue
+            if len(raw) > MAX_TAG_BYTES or len(tags) >= MAX_TAGS:
+                dropped += 1
+                continue
+            tags[raw.decode("utf-8", "surrogateescape")] = None
+    return Tagged(entry, tuple(tags), dropped)
+
+
+def read_tagged(fd: int, names: tuple[bytes, ...]) -> Tagged | None:
+    """Blocking: the tags of open file *fd*, reading only its header region."""
+    head = os.pread(fd, cachefile.FIRST_READ, 0)
+    entry = cachefile.parse(head)
+    if entry is None:
+        return None
+    _, end = cachefile.header_region(head)
+    if end > len(head) and len(head) == cachefile.FIRST_READ:
+        head += os.pread(fd, min(end, MAX_HEADERS) - len(head), len(head))
+    return parse_tags(head, names)

@@ -1,0 +1,480 @@
+"""The tag index of every zone, built by a cold scan and kept current with inotify; it answers tag purges.
+
+Threads: the index lane applies inotify events and answers tag purges, in the order they came, so
+an event read before a purge began is applied before the purge looks (a purge first drains the
+inotify descriptor: every entry nginx renamed into place before the line arrived is seen). Cold
+scans run on a lane of their own and merge into the live index directory by directory; while a
+zone's scan is unfinished, or after inotify overflowed, its tag purges walk the zone instead
+(exact, slower). Every directory is opened descriptor-relative without following symlinks, and
+watched through ``/proc/self/fd``, so a watch is on the directory that was checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.inotify import (
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE,
+    IN_IGNORED,
+    IN_ISDIR,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_ONLYDIR,
+    IN_Q_OVERFLOW,
+    INotify,
+)
+from twisted.logger import Logger, LogLevel
+from twisted.python._inotify import INotifyError
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+
+from cachesvc.purge import cachefile
+from cachesvc.purge.fstree import DIR_FLAGS, open_dir
+from cachesvc.purge.harvest import Harvest
+from cachesvc.purge.nginxcache import ScanResult
+from cachesvc.purge.paths import PathPolicy, PurgeTarget, Refused
+from cachesvc.purge.ratelimit import LogBudget
+from cachesvc.purge.tagindex import ZoneIndex
+from cachesvc.purge.tags import read_tagged
+from cachesvc.purge.workers import WorkerThread
+from cachesvc.purge.zones import Zone
+
+ZONE_MASK = IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CLOSE_WRITE | IN_ONLYDIR
+PARENT_MASK = IN_CREATE | IN_MOVED_TO | IN_ONLYDIR
+Event = tuple[int, int, bytes]  # (watch descriptor, mask, name)
+_EVENT = struct.Struct("=iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
+MAX_OPEN_DIRS = 64
+
+
+class Notifier(INotify):
+    """``twisted.internet.inotify.INotify`` whose events are read here, as (wd, mask, name) batches.
+
+    Twisted's own dispatch drops the queue-overflow event (it belongs to no watch) and closes the
+    whole descriptor when any watched directory is deleted; an index needs the first and cannot
+    afford the second.
+    """
+
+    def __init__(self, reactor: Any, handler: Callable[[list[Event]], None]) -> None:
+        INotify.__init__(self, reactor)
+        self._handler = handler
+
+    def add(self, path: bytes, mask: int) -> int:
+        return int(self._inotify.add(self._fd, FilePath(path), mask))
+
+    def remove(self, wd: int) -> None:
+        with contextlib.suppress(INotifyError, KeyError):
+            self._inotify.remove(self._fd, wd)
+
+    def doRead(self) -> None:
+        self.drain()
+
+    def drain(self) -> None:
+        """Read and hand on every event queued now (the reactor's read, and a purge's before it looks)."""
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            self._doRead(data)
+
+    def _doRead(self, in_: bytes) -> None:
+        buffer = self._buffer + in_
+        events: list[Event] = []
+        offset = 0
+        while len(buffer) - offset >= _EVENT.size:
+            wd, mask, _cookie, size = _EVENT.unpack_from(buffer, offset)
+            end = offset + _EVENT.size + size
+            if len(buffer) < end:
+                break
+            events.append((wd, mask, buffer[offset + _EVENT.size : end].rstrip(b"\0")))
+            offset = end
+        buffer = buffer[offset:]
+        self._buffer = buffer
+        if events:
+            self._handler(events)
+
+
+class _Dirs:
+    """Open directories of one zone by relative path, each opened without following a symlink."""
+
+    def __init__(self, index: ZoneIndex) -> None:
+        self.index = index
+        self._fds: dict[str, int | None] = {}
+
+    def get(self, rel: str) -> int | None:
+        if rel in self._fds:
+            return self._fds[rel]
+        if len(self._fds) >= MAX_OPEN_DIRS:
+            self.close()  # a bounded number of descriptors, whatever the zone's size
+        fd: int | None
+        if not rel:
+            try:
+                fd = open_dir(self.index.target)
+            except (Refused, OSError):
+                fd = None
+        else:
+            parent_rel, _, name = rel.rpartition("/")
+            parent = self.get(parent_rel)
+            fd = None
+            if parent is not None:
+                with contextlib.suppress(OSError):
+                    fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+        self._fds[rel] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            if fd is not None:
+                os.close(fd)
+        self._fds.clear()
+
+
+class TagIndex:
+    """Every configured zone's tag index. ``start``/``stop`` on the reactor; ``purge`` answers tag purges."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        zones: Sequence[Zone],
+        policy: PathPolicy,
+        headers: tuple[bytes, ...],
+        lane: WorkerThread,
+        scan_lane: WorkerThread,
+        reactor: Any,
+    ) -> None:
+        self.zones = tuple(zones)
+        self.policy = policy
+        self.headers = headers
+        self.lane = lane
+        self.scan_lane = scan_lane
+        self._reactor = reactor
+        self._notifier: Notifier | None = None
+        self.indexes: dict[str, ZoneIndex] = {}
+        self._wds: dict[int, tuple[ZoneIndex, str]] = {}
+        self._parents: dict[int, Zone] = {}
+        self._scanning: set[str] = set()
+        self._rescan: set[str] = set()
+        self._limits = LogBudget(self.log, reactor, "cache entries with more tags than are indexed")
+        self._lock = threading.Lock()  # the maps above, shared by the lanes
+        self._zone_dirs = [_zone_dir_pattern(zone.path) for zone in self.zones]
+
+    # --- the reactor's side ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._notifier = Notifier(self._reactor, self._events)
+        self._notifier.startReading()
+        self.scan_lane.submit(self._discover).addErrback(self._crashed, "finding the zones to index")
+
+    def stop(self) -> None:
+        if self._notifier is not None:
+            self._notifier.stopReading()
+            self._notifier.loseConnection()
+            self._notifier = None
+
+    def purge(
+        self, scope: PurgeTarget, tags: frozenset[str], mode: str, harvest: Harvest | None
+    ) -> Deferred[ScanResult | None]:
+        """Purge what carries *tags* below *scope* from the index; ``None``: no whole index covers it, scan."""
+        if self._notifier is not None:
+            self._notifier.drain()  # every entry written before the line arrived, in the lane before us
+        now = self._reactor.seconds()
+        return self.lane.submit(lambda: self._purge(scope, tags, mode, harvest, now))
+
+    def _events(self, events: list[Event]) -> None:
+        self.lane.submit(lambda: self._apply(events)).addErrback(self._crashed, "applying inotify events")
+
+    def _crashed(self, failure: Failure, what: str) -> None:
+        self.log.failure("tag index: {what} failed", failure, what=what)
+
+    # --- discovery and cold scans (scan lane) --------------------------------------------------------
+
+    def _discover(self) -> None:
+        for zone in self.zones:
+            head, host, tail = zone.path.partition("{host}")
+            if not host:
+                self._index(zone.path)
+                continue
+            parent = head.rstrip("/")
+            if not tail:
+                self._watch_parent(zone, parent)
+            with contextlib.suppress(OSError):
+                for name in sorted(os.listdir(parent)):
+                    if not name.startswith("."):
+                        self._index(parent + "/" + name + tail)
+
+    def _watch_parent(self, zone: Zone, parent: str) -> None:
+        try:
+            target = self.policy.target(parent.encode()) if parent not in self.policy.roots else None
+            fd = open_dir(target) if target is not None else os.open(parent, DIR_FLAGS)
+        except (Refused, OSError):
+            return
+        if fd is None:
+            return
+        try:
+            with self._lock:
+                wd = self._add_watch(fd, PARENT_MASK)
+                if wd is not None:
+                    self._parents[wd] = zone
+        finally:
+            os.close(fd)
+
+    def _index(self, path: str) -> None:
+        """Start indexing zone directory *path* (once), with a cold scan on the scan lane."""
+        try:
+            target = self.policy.target(path.encode())
+        except Refused:
+            return
+        if path in self.indexes or not os.path.isdir(path) or os.path.islink(path):
+            return
+        with self._lock:
+            if path in self.indexes:
+                return
+            index = self.indexes[path] = ZoneIndex(target)
+        self._cold_scan(index)
+
+    def _cold_scan(self, index: ZoneIndex) -> None:
+        """From any thread: scan *index* on the scan lane; if one is running, once more after it."""
+        self._reactor.callFromThread(self._start_scan, index)
+
+    def _start_scan(self, index: ZoneIndex) -> None:
+        if index.path in self._scanning:
+            self._rescan.add(index.path)  # the running scan may have read before what was lost
+            return
+        self._scanning.add(index.path)
+        self.scan_lane.submit(lambda: self._scan(index)).addErrback(self._crashed, f"the cold scan of {index.path}")
+
+    def _scan(self, index: ZoneIndex) -> None:
+        started = time.monotonic()
+        index.begin_scan()
+        try:
+            top = open_dir(index.target)
+        except (Refused, OSError):
+            top = None
+        pending = [("", top)] if top is not None else []
+        try:
+            while pending:
+                rel, fd = pending.pop()
+                try:
+                    self._watch(index, rel, fd)
+                    found: dict[str, tuple[str, ...]] = {}
+                    with os.scandir(fd) as entries:
+                        for entry in entries:
+                            child = f"{rel}/{entry.name}" if rel else entry.name
+                            if entry.is_dir(follow_symlinks=False):
+                                with contextlib.suppress(OSError):
+                                    pending.append((child, os.open(entry.name, DIR_FLAGS, dir_fd=fd)))
+                            elif entry.is_file(follow_symlinks=False) and cachefile.ENTRY_NAME.fullmatch(entry.name):
+                                found[child] = self._tags_at(fd, entry.name, index)
+                    index.merge(found)
+                finally:
+                    os.close(fd)
+        finally:
+            for _, fd in pending:
+                os.close(fd)
+        index.end_scan()
+        count, tags, pairs = index.counts()
+        self._reactor.callFromThread(self._scanned, index, count, tags, pairs, time.monotonic() - started)
+
+    def _scanned(self, index: ZoneIndex, entries: int, tags: int, pairs: int, seconds: float) -> None:
+        self._scanning.discard(index.path)
+        if index.path in self._rescan:
+            self._rescan.discard(index.path)
+            self._start_scan(index)
+            return
+        self.log.info(
+            "tag index ready for {zone}: {entries} entries, {tags} tags ({pairs} entry-tag pairs) in {seconds:.2f} s",
+            zone=index.path, entries=entries, tags=tags, pairs=pairs, seconds=seconds,
+        )
+
+    # --- watches ---------------------------------------------------------------------------------------
+
+    def _add_watch(self, fd: int, mask: int) -> int | None:
+        notifier = self._notifier
+        if notifier is None:
+            return None
+        try:
+            return notifier.add(f"/proc/self/fd/{fd}".encode(), mask)
+        except INotifyError as e:
+            self._reactor.callFromThread(
+                self.log.warn, "tag index: cannot watch a directory ({e}); raise fs.inotify.max_user_watches "
+                "if the zones have more directories than it allows. Tag purges there scan instead.", e=e,
+            )
+            return None
+
+    def _watch(self, index: ZoneIndex, rel: str, fd: int) -> None:
+        with self._lock:  # the watch and its record at once: its first event may be read at any moment
+            wd = self._add_watch(fd, ZONE_MASK)
+            if wd is not None:
+                self._wds[wd] = (index, rel)
+        if wd is None:
+            index.overflowed()
+
+    def _unwatch_below(self, index: ZoneIndex, rel: str) -> None:
+        prefix = rel + "/"
+        with self._lock:
+            gone = [wd for wd, (i, r) in self._wds.items() if i is index and (r == rel or r.startswith(prefix))]
+            for wd in gone:
+                del self._wds[wd]
+        for wd in gone:
+            if self._notifier is not None:
+                self._notifier.remove(wd)
+
+    # --- events and purges (index lane) ------------------------------------------------------------------
+
+    def _apply(self, events: list[Event]) -> None:
+        opened: dict[ZoneIndex, _Dirs] = {}
+        try:
+            for wd, mask, raw in events:
+                if mask & IN_Q_OVERFLOW:
+                    self._overflowed()
+                    continue
+                with self._lock:
+                    if mask & IN_IGNORED:
+                        self._wds.pop(wd, None)
+                        continue
+                    zone = self._parents.get(wd)
+                    where = self._wds.get(wd)
+                name = os.fsdecode(raw)
+                if zone is not None:
+                    if mask & IN_ISDIR and name and not name.startswith("."):
+                        parent = zone.path.partition("{host}")[0].rstrip("/")
+                        self._index(parent + "/" + name)
+                    continue
+                if where is None or not name:
+                    continue
+                index, rel = where
+                dirs = opened.get(index) or opened.setdefault(index, _Dirs(index))
+                child = f"{rel}/{name}" if rel else name
+                if mask & IN_ISDIR:
+                    if mask & (IN_CREATE | IN_MOVED_TO):
+                        self._add_dir(index, child, dirs)
+                    else:
+                        index.drop_dir(child)
+                        self._unwatch_below(index, child)
+                elif mask & (IN_MOVED_TO | IN_CLOSE_WRITE):
+                    if cachefile.ENTRY_NAME.fullmatch(name):
+                        fd = dirs.get(rel)
+                        index.put(child, self._tags_at(fd, name, index) if fd is not None else ())
+                else:
+                    index.drop(child)
+        finally:
+            for dirs in opened.values():
+                dirs.close()
+
+    def _add_dir(self, index: ZoneIndex, rel: str, dirs: _Dirs) -> None:
+        """A directory appeared in a zone: watch it, then read what is already in it (and below)."""
+        fd = dirs.get(rel)
+        if fd is None:
+            return
+        self._watch(index, rel, fd)
+        with contextlib.suppress(OSError), os.scandir(fd) as entries:
+            for entry in entries:
+                child = f"{rel}/{entry.name}"
+                if entry.is_dir(follow_symlinks=False):
+                    self._add_dir(index, child, dirs)
+                elif entry.is_file(follow_symlinks=False) and cachefile.ENTRY_NAME.fullmatch(entry.name):
+                    index.put(child, self._tags_at(fd, entry.name, index))
+
+    def _overflowed(self) -> None:
+        self._reactor.callFromThread(
+            self.log.warn, "tag index: inotify overflowed (events were lost); tag purges scan until the index is "
+            "rebuilt. Raise fs.inotify.max_queued_events if this repeats.",
+        )
+        for index in list(self.indexes.values()):
+            index.overflowed()
+            self._cold_scan(index)
+
+    def _tags_at(self, dir_fd: int, name: str, index: ZoneIndex) -> tuple[str, ...]:
+        fd = cachefile.open_entry(dir_fd, name, cachefile.READ_FLAGS)
+        if fd is None or fd == -1:
+            return ()
+        try:
+            tagged = read_tagged(fd, self.headers)
+        except OSError:
+            return ()
+        finally:
+            os.close(fd)
+        if tagged is None:
+            return ()
+        if tagged.dropped:
+            self._reactor.callFromThread(
+                self._limits.emit, LogLevel.warn,
+                "tag index: {name} in {zone} carries more tags than are indexed (1,000 per entry, 1,024 bytes "
+                "each); {dropped} ignored", name=name, zone=index.path, dropped=tagged.dropped,
+            )
+        return tagged.tags
+
+    def _purge(
+        self, scope: PurgeTarget, tags: frozenset[str], mode: str, harvest: Harvest | None, now: float
+    ) -> ScanResult | None:
+        covering = self._covering(scope)
+        if covering is None:
+            if any(pattern.fullmatch(scope.path) for pattern in self._zone_dirs):
+                self._index(scope.path)  # a zone directory that appeared unseen: the scan answers, then the index
+            return None
+        index, below = covering
+        if not index.whole:
+            return None
+        names = index.carrying(tags, below)
+        result = ScanResult(scanned=len(names))
+        started = time.monotonic()
+        dirs = _Dirs(index)
+        soft = mode == "soft"
+        try:
+            for name in names:
+                rel, _, base = name.rpartition("/")
+                dir_fd = dirs.get(rel)
+                fd = cachefile.open_entry(dir_fd, base, cachefile.WRITE_FLAGS if soft else cachefile.READ_FLAGS) \
+                    if dir_fd is not None else None
+                if fd is None or fd == -1:
+                    index.drop(name)  # replaced by a symlink, or removed behind our back
+                    continue
+                try:
+                    tagged = read_tagged(fd, self.headers)
+                    if tagged is None or tags.isdisjoint(tagged.tags):
+                        index.put(name, tagged.tags if tagged is not None else ())  # replaced: what it says now
+                        continue
+                    if harvest is not None and tagged.entry.key is not None:
+                        harvest.record(tagged.entry.date, tagged.entry.key)
+                    if soft:
+                        if cachefile.is_fresh(tagged.entry, now):
+                            cachefile.expire(fd, now)
+                            result.marked += 1
+                        continue
+                finally:
+                    os.close(fd)
+                assert dir_fd is not None
+                if cachefile.unlink_quietly(dir_fd, base):
+                    result.deleted += 1
+                index.drop(name)
+        finally:
+            dirs.close()
+        result.seconds = time.monotonic() - started
+        return result
+
+    def _covering(self, scope: PurgeTarget) -> tuple[ZoneIndex, str] | None:
+        path = scope.path
+        for zone_path, index in list(self.indexes.items()):
+            if path == zone_path:
+                return index, ""
+            if path.startswith(zone_path + "/"):
+                return index, path[len(zone_path) + 1 :]
+        return None
+
+def _zone_dir_pattern(path: str) -> re.Pattern[str]:
+    return re.compile("[^/.][^/]*".join(re.escape(part) for part in path.split("{host}")))
