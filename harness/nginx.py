@@ -111,23 +111,10 @@ def entry_bytes(
     response = b"Status: 200 OK\r\nContent-Type: text/html\r\n"
     response += b"".join(f"{k}: {v}\r\n".encode() for k, v in headers) + b"\r\n"
     header_start = HEADER.size + len(key_line)
-    header = HEADER.pack(
-        version,
-        now + 3600 if valid_sec is None else valid_sec,
-        0,
-        0,
-        -1,
-        now if date is None else date,
-        zlib.crc32(key.encode()),
-        0,
-        header_start,
-        header_start + len(response),
-        0,
-        b"",
-        0,
-        b"",
-        b"",
-    )
+    valid, date = now + 3600 if valid_sec is None else valid_sec, now if date is None else date
+    body_start, crc = header_start + len(response), zlib.crc32(key.encode())
+    fields = (version, valid, 0, 0, -1, date, crc, 0, header_start, body_start, 0, b"", 0, b"", b"")
+    header = HEADER.pack(*fields)
     return header + key_line + response + body
 
 
