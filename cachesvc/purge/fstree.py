@@ -8,6 +8,7 @@ a recursive delete is unlinked as a link, never descended into (the guarantee of
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -127,3 +128,44 @@ def _is_symlink(parent_fd: int, name: str) -> bool:
         return stat.S_ISLNK(os.lstat(name, dir_fd=parent_fd).st_mode)
     except OSError:
         return False
+
+
+MAX_OPEN_DIRS = 64
+
+
+class DirCache:
+    """Open directories below *top* by relative path, each opened without following a symlink.
+
+    At most ``MAX_OPEN_DIRS`` at once (then all are closed and opened again as needed).
+    """
+
+    def __init__(self, top: PurgeTarget) -> None:
+        self.top = top
+        self._fds: dict[str, int | None] = {}
+
+    def get(self, rel: str) -> int | None:
+        if rel in self._fds:
+            return self._fds[rel]
+        if len(self._fds) >= MAX_OPEN_DIRS:
+            self.close()  # a bounded number of descriptors, whatever the zone's size
+        fd: int | None
+        if not rel:
+            try:
+                fd = open_dir(self.top)
+            except (Refused, OSError):
+                fd = None
+        else:
+            parent_rel, _, name = rel.rpartition("/")
+            parent = self.get(parent_rel)
+            fd = None
+            if parent is not None:
+                with contextlib.suppress(OSError):
+                    fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+        self._fds[rel] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            if fd is not None:
+                os.close(fd)
+        self._fds.clear()

@@ -8,6 +8,7 @@ the entries it names. Concurrent purges of one directory share a walk.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import stat
@@ -28,6 +29,8 @@ from cachesvc.purge.tags import read_tagged
 from cachesvc.purge.workers import WorkerThread
 
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_V5 = cachefile.VERSION.to_bytes(8, "little")
+_AT_KEY = slice(cachefile.HEADER_SIZE, cachefile.HEADER_SIZE + len(cachefile.KEY_MARK))
 
 
 def read_key(dir_fd: int, name: str) -> bytes | None:
@@ -128,6 +131,7 @@ def walk_tree(
     if top is None:
         return walker.results(0.0)
     stack = [top]
+    visit = walker.file
     try:
         while stack:
             fd = stack.pop()
@@ -138,7 +142,7 @@ def walk_tree(
                             with contextlib.suppress(OSError):
                                 stack.append(os.open(entry.name, DIR_FLAGS, dir_fd=fd))
                         else:
-                            walker.file(fd, entry.name, entry.is_file(follow_symlinks=False))
+                            visit(fd, entry.name, entry.is_file(follow_symlinks=False))
             finally:
                 os.close(fd)
             if progress is not None and time.monotonic() - last >= every:
@@ -161,6 +165,11 @@ class _Walker:
         self._everything = [r for r in requests if r.prefixes is None and r.tags is None]
         self._headers = tuple(dict.fromkeys(h for r in requests if r.tags is not None for h in r.headers))
         self._flags = cachefile.WRITE_FLAGS if any(r.mode == "soft" for r in requests) else _FILE_FLAGS
+        only = self.requests[0] if len(self.requests) == 1 else None
+        if only is not None and only.mode == "soft" and only.prefixes is None and only.tags is None:
+            self.file = self._soft_file  # type: ignore[method-assign]  # the site purge's loop, kept lean
+            self._fresh_from = int(now)
+            self._past = cachefile.VALID_SEC.pack(int(now) - cachefile.PAST)
 
     def results(self, seconds: float) -> list[ScanResult]:
         for result in self._counts:
@@ -207,6 +216,47 @@ class _Walker:
             self._count_deleted(matched)
             if entry is not None:
                 self._harvest(matched, entry, key)
+
+    def _soft_file(self, dir_fd: int, name: str, regular: bool) -> None:
+        """:meth:`file` for one soft request of every file: the same decisions, with no work to spare."""
+        if regular:
+            try:
+                fd = os.open(name, cachefile.WRITE_FLAGS, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                regular = False  # swapped for a symlink since the listing
+        if not regular:
+            if cachefile.unlink_quietly(dir_fd, name):
+                self.deleted += 1
+                self._counts[0].deleted += 1
+            return
+        self.scanned += 1
+        try:
+            try:
+                head = os.pread(fd, cachefile.FIRST_READ, 0)
+            except OSError:
+                head = b""
+            if head[:8] != _V5 or head[_AT_KEY] != cachefile.KEY_MARK or not cachefile.ENTRY_NAME.fullmatch(name):
+                junk = True
+            else:
+                junk = False
+                if int.from_bytes(head[8:16], "little", signed=True) >= self._fresh_from:
+                    os.pwrite(fd, self._past, cachefile.VALID_SEC_OFFSET)
+                    self.marked += 1
+                    self._counts[0].marked += 1
+                    harvest = self.requests[0].harvest
+                    if harvest is not None:
+                        entry = cachefile.parse(head)
+                        if entry is not None and entry.key is not None:
+                            harvest.record(entry.date, entry.key)
+        finally:
+            os.close(fd)
+        if junk and cachefile.unlink_quietly(dir_fd, name):
+            self.deleted += 1
+            self._counts[0].deleted += 1
 
     def _carried(self, fd: int, entry: cachefile.Entry | None) -> tuple[str, ...]:
         """The tags of the open file, when a tag purge waits on this walk (only cache files carry tags)."""

@@ -14,10 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -31,17 +30,16 @@ from twisted.internet.inotify import (
     IN_MOVED_TO,
     IN_ONLYDIR,
     IN_Q_OVERFLOW,
-    INotify,
 )
 from twisted.logger import Logger, LogLevel
 from twisted.python._inotify import INotifyError
 from twisted.python.failure import Failure
-from twisted.python.filepath import FilePath
 
 from cachesvc.purge import cachefile
-from cachesvc.purge.fstree import DIR_FLAGS, open_dir
+from cachesvc.purge.fstree import DIR_FLAGS, DirCache, open_dir
 from cachesvc.purge.harvest import Harvest
 from cachesvc.purge.nginxcache import ScanResult
+from cachesvc.purge.notifier import Event, Notifier
 from cachesvc.purge.paths import PathPolicy, PurgeTarget, Refused
 from cachesvc.purge.ratelimit import LogBudget
 from cachesvc.purge.tagindex import ZoneIndex
@@ -51,96 +49,6 @@ from cachesvc.purge.zones import Zone
 
 ZONE_MASK = IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CLOSE_WRITE | IN_ONLYDIR
 PARENT_MASK = IN_CREATE | IN_MOVED_TO | IN_ONLYDIR
-Event = tuple[int, int, bytes]  # (watch descriptor, mask, name)
-_EVENT = struct.Struct("=iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
-MAX_OPEN_DIRS = 64
-
-
-class Notifier(INotify):
-    """``twisted.internet.inotify.INotify`` whose events are read here, as (wd, mask, name) batches.
-
-    Twisted's own dispatch drops the queue-overflow event (it belongs to no watch) and closes the
-    whole descriptor when any watched directory is deleted; an index needs the first and cannot
-    afford the second.
-    """
-
-    def __init__(self, reactor: Any, handler: Callable[[list[Event]], None]) -> None:
-        INotify.__init__(self, reactor)
-        self._handler = handler
-
-    def add(self, path: bytes, mask: int) -> int:
-        return int(self._inotify.add(self._fd, FilePath(path), mask))
-
-    def remove(self, wd: int) -> None:
-        with contextlib.suppress(INotifyError, KeyError):
-            self._inotify.remove(self._fd, wd)
-
-    def doRead(self) -> None:
-        self.drain()
-
-    def drain(self) -> None:
-        """Read and hand on every event queued now (the reactor's read, and a purge's before it looks)."""
-        while True:
-            try:
-                data = os.read(self._fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                return
-            if not data:
-                return
-            self._doRead(data)
-
-    def _doRead(self, in_: bytes) -> None:
-        buffer = self._buffer + in_
-        events: list[Event] = []
-        offset = 0
-        while len(buffer) - offset >= _EVENT.size:
-            wd, mask, _cookie, size = _EVENT.unpack_from(buffer, offset)
-            end = offset + _EVENT.size + size
-            if len(buffer) < end:
-                break
-            events.append((wd, mask, buffer[offset + _EVENT.size : end].rstrip(b"\0")))
-            offset = end
-        buffer = buffer[offset:]
-        self._buffer = buffer
-        if events:
-            self._handler(events)
-
-
-class _Dirs:
-    """Open directories of one zone by relative path, each opened without following a symlink."""
-
-    def __init__(self, index: ZoneIndex) -> None:
-        self.index = index
-        self._fds: dict[str, int | None] = {}
-
-    def get(self, rel: str) -> int | None:
-        if rel in self._fds:
-            return self._fds[rel]
-        if len(self._fds) >= MAX_OPEN_DIRS:
-            self.close()  # a bounded number of descriptors, whatever the zone's size
-        fd: int | None
-        if not rel:
-            try:
-                fd = open_dir(self.index.target)
-            except (Refused, OSError):
-                fd = None
-        else:
-            parent_rel, _, name = rel.rpartition("/")
-            parent = self.get(parent_rel)
-            fd = None
-            if parent is not None:
-                with contextlib.suppress(OSError):
-                    fd = os.open(name, DIR_FLAGS, dir_fd=parent)
-        self._fds[rel] = fd
-        return fd
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            if fd is not None:
-                os.close(fd)
-        self._fds.clear()
 
 
 class TagIndex:
@@ -337,7 +245,7 @@ class TagIndex:
     # --- events and purges (index lane) ------------------------------------------------------------------
 
     def _apply(self, events: list[Event]) -> None:
-        opened: dict[ZoneIndex, _Dirs] = {}
+        opened: dict[ZoneIndex, DirCache] = {}
         try:
             for wd, mask, raw in events:
                 if mask & IN_Q_OVERFLOW:
@@ -358,7 +266,7 @@ class TagIndex:
                 if where is None or not name:
                     continue
                 index, rel = where
-                dirs = opened.get(index) or opened.setdefault(index, _Dirs(index))
+                dirs = opened.get(index) or opened.setdefault(index, DirCache(index.target))
                 child = f"{rel}/{name}" if rel else name
                 if mask & IN_ISDIR:
                     if mask & (IN_CREATE | IN_MOVED_TO):
@@ -376,7 +284,7 @@ class TagIndex:
             for dirs in opened.values():
                 dirs.close()
 
-    def _add_dir(self, index: ZoneIndex, rel: str, dirs: _Dirs) -> None:
+    def _add_dir(self, index: ZoneIndex, rel: str, dirs: DirCache) -> None:
         """A directory appeared in a zone: watch it, then read what is already in it (and below)."""
         fd = dirs.get(rel)
         if fd is None:
@@ -433,7 +341,7 @@ class TagIndex:
         names = index.carrying(tags, below)
         result = ScanResult(scanned=len(names))
         started = time.monotonic()
-        dirs = _Dirs(index)
+        dirs = DirCache(index.target)
         soft = mode == "soft"
         try:
             for name in names:
