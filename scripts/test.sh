@@ -4,6 +4,7 @@
 # Extra arguments go to pytest (e.g. scripts/test.sh -k purge -x).
 source "$(dirname "$0")/setup.sh"
 ensure_debian_packages redis-server=redis-server nginx=nginx-light php=php-cli
+ensure_wordpress_packages
 ensure_venv
 .venv/bin/ruff check .
 .venv/bin/mypy
