@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
@@ -37,6 +38,26 @@ MODE_PREFIXES = ((b"soft:", "soft"), (b"hard:", "hard"))
 
 Warm = Callable[[str, list[str], int], None]
 """Warms the URLs a purge removed or marked: (the purge as received, URLs newest first, entries left out)."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """What a purge did: the outcome word, the detail for its log line, and the entries it purged."""
+
+    outcome: str
+    detail: str
+    entries: int = 0
+
+
+@dataclass(frozen=True)
+class Purged:
+    """One purge's record for observers: its form (path, url, prefix, tag), mode, outcome and time."""
+
+    form: str
+    mode: str
+    outcome: str  # deleted, marked, absent, refused, failed
+    seconds: float
+    entries: int
 
 
 def split_mode(raw: bytes) -> tuple[str | None, bytes]:
@@ -91,6 +112,7 @@ class Purger:
         self.warm = warm
         self.warm_limit = warm_limit
         self.tags = tags
+        self.observers: list[Callable[[Purged], None]] = []  # e.g. metrics, called with every purge's outcome
         self._reactor = reactor if reactor is not None else clock
         self._makers = {zone: url_maker(zone.key) for zone in zones.zones} if zones is not None else {}
         self._inflight: dict[tuple[str, PurgeTarget], _Shared] = {}
@@ -109,13 +131,13 @@ class Purger:
         try:
             mode, line = split_mode(raw)
             if line.startswith(URL_SCHEMES):
-                work: Deferred[tuple[str, str]] = self._purge_url(line, mode, gathering)
+                work: Deferred[Done] = self._purge_url(line, mode, gathering)
             elif line.startswith(TAG_PREFIX):
                 work = self._purge_tags(line[len(TAG_PREFIX) :], mode, gathering)
             else:
                 work = self._purge_path(self.policy.target(line), mode, gathering)
         except Refused as e:
-            self._record(_shown(raw), "refused", f": {e}", started)
+            self._record(_shown(raw), "refused", f": {e}", started, raw)
             return succeed(False)
         except Exception:
             return succeed(self._unsuccessful(Failure(), raw, started))
@@ -125,27 +147,26 @@ class Purger:
             self._successful, self._unsuccessful, callbackArgs=(raw, started), errbackArgs=(raw, started)
         )
 
-    def _successful(self, done: tuple[str, str], raw: bytes, started: float) -> bool:
-        outcome, detail = done
-        self._record(_shown(raw), outcome, detail, started)
+    def _successful(self, done: Done, raw: bytes, started: float) -> bool:
+        self._record(_shown(raw), done.outcome, done.detail, started, raw, done.entries)
         return True
 
     def _unsuccessful(self, failure: Failure, raw: bytes, started: float) -> bool:
         shown, e = _shown(raw), failure.value
         if isinstance(e, Refused):
-            self._record(shown, "refused", f": {e}", started)
+            self._record(shown, "refused", f": {e}", started, raw)
         elif isinstance(e, OSError):
-            self._record(shown, "failed", f": {e.strerror or e} ({e.filename or shown})", started)
+            self._record(shown, "failed", f": {e.strerror or e} ({e.filename or shown})", started, raw)
         else:
             self.log.failure("purge {path!r} crashed", failure, path=shown)
-            self._record(shown, "failed", f": {e!r}", started)
+            self._record(shown, "failed", f": {e!r}", started, raw)
         return False
 
     # --- paths ------------------------------------------------------------------------------------
 
     def _purge_path(
         self, target: PurgeTarget, mode: str | None, gathering: Gathering | None
-    ) -> Deferred[tuple[str, str]]:
+    ) -> Deferred[Done]:
         zone = self.zones.zone_of(target) if self.zones is not None else None
         mode = mode or (zone.mode if zone is not None else self.mode)
         harvest = self._harvest(gathering, zone)
@@ -193,7 +214,7 @@ class Purger:
     @inlineCallbacks
     def _purge_url(
         self, raw: bytes, mode: str | None, gathering: Gathering | None
-    ) -> Generator[Deferred[Any], Any, tuple[str, str]]:
+    ) -> Generator[Deferred[Any], Any, Done]:
         try:
             url = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -211,7 +232,7 @@ class Purger:
                 total.scanned += result.scanned
                 total.deleted += result.deleted
                 total.marked += result.marked
-            return _outcome(total), _matched(total)
+            return Done(_outcome(total), _matched(total), total.deleted + total.marked)
         work: list[Deferred[Any]] = []
         for zone, targets in self.zones.files_by_zone(url):
             soft = (mode or zone.mode) == "soft"
@@ -228,14 +249,14 @@ class Purger:
                 total.marked += value.marked
             else:
                 total.deleted += value.files or 0
-        return _outcome(total), f", {_counts(total)}"
+        return Done(_outcome(total), f", {_counts(total)}", total.deleted + total.marked)
 
     # --- tags -------------------------------------------------------------------------------------
 
     @inlineCallbacks
     def _purge_tags(
         self, rest: bytes, mode: str | None, gathering: Gathering | None
-    ) -> Generator[Deferred[Any], Any, tuple[str, str]]:
+    ) -> Generator[Deferred[Any], Any, Done]:
         index, scanner = self.tags, self.scanner
         if index is None or scanner is None:
             raise Refused("tag purges need purge.tags.enabled: true in the config")
@@ -257,7 +278,8 @@ class Purger:
             if harvest is not None:
                 harvest.finish()
         purged = f"{result.marked} marked expired" if mode == "soft" else f"{result.deleted} deleted"
-        return _outcome(result), f", {purged} of {result.scanned} candidates, answered by {how}"
+        detail = f", {purged} of {result.scanned} candidates, answered by {how}"
+        return Done(_outcome(result), detail, result.deleted + result.marked)
 
     # --- warming ----------------------------------------------------------------------------------
 
@@ -274,8 +296,22 @@ class Purger:
             return None
         return gathering.harvest(maker)
 
-    def _record(self, path: str, outcome: str, detail: str, started: float) -> None:
-        ms = (self.clock.seconds() - started) * 1000
+    def _kind(self, raw: bytes) -> tuple[str, str]:
+        """(form, mode) of a request line, for metrics: path, url, prefix or tag; hard or soft."""
+        mode, line = split_mode(raw)
+        if line.startswith(URL_SCHEMES):
+            form = "prefix" if line.endswith(b"*") else "url"
+        else:
+            form = "tag" if line.startswith(TAG_PREFIX) else "path"
+        return form, mode or self.mode
+
+    def _record(
+        self, path: str, outcome: str, detail: str, started: float, raw: bytes = b"", entries: int = 0
+    ) -> None:
+        seconds = self.clock.seconds() - started
+        ms = seconds * 1000
+        for observe in self.observers:
+            observe(Purged(*self._kind(raw), outcome, seconds, entries))
         line = "purge {path!r} {outcome}{detail}, {ms:.1f} ms"
         if outcome == "refused":
             self._refused.emit(LogLevel.warn, line, path=path, outcome=outcome, detail=detail, ms=ms)
@@ -321,12 +357,12 @@ def _shown(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def _described(done: Deleted) -> tuple[str, str]:
-    return done.outcome, _files(done)
+def _described(done: Deleted) -> Done:
+    return Done(done.outcome, _files(done), done.files or 0)
 
 
-def _described_walk(done: ScanResult) -> tuple[str, str]:
-    return _outcome(done), f", {_counts(done)}"
+def _described_walk(done: ScanResult) -> Done:
+    return Done(_outcome(done), f", {_counts(done)}", done.deleted + done.marked)
 
 
 def _outcome(done: ScanResult) -> str:

@@ -21,7 +21,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.inotify import (
-    IN_CLOSE_WRITE,
     IN_CREATE,
     IN_DELETE,
     IN_IGNORED,
@@ -43,11 +42,14 @@ from cachesvc.purge.notifier import Event, Notifier
 from cachesvc.purge.paths import PathPolicy, PurgeTarget, Refused
 from cachesvc.purge.ratelimit import LogBudget
 from cachesvc.purge.tagindex import ZoneIndex
+from cachesvc.purge.tagpurge import purge_carriers
 from cachesvc.purge.tags import read_tagged
 from cachesvc.purge.workers import WorkerThread
 from cachesvc.purge.zones import Zone
 
-ZONE_MASK = IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_CLOSE_WRITE | IN_ONLYDIR
+ZONE_MASK = IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE | IN_ONLYDIR
+"""Entries appear by rename (nginx writes a temp file, then renames it into place); files are not
+watched for writes, so a soft purge's own rewrites cost no events."""
 PARENT_MASK = IN_CREATE | IN_MOVED_TO | IN_ONLYDIR
 
 
@@ -78,6 +80,7 @@ class TagIndex:
         self._scanning: set[str] = set()
         self._rescan: set[str] = set()
         self._limits = LogBudget(self.log, reactor, "cache entries with more tags than are indexed")
+        self._over_limits: set[tuple[str, str]] = set()
         self._lock = threading.Lock()  # the maps above, shared by the lanes
         self._zone_dirs = [_zone_dir_pattern(zone.path) for zone in self.zones]
 
@@ -274,12 +277,12 @@ class TagIndex:
                     else:
                         index.drop_dir(child)
                         self._unwatch_below(index, child)
-                elif mask & (IN_MOVED_TO | IN_CLOSE_WRITE):
+                elif mask & IN_MOVED_TO:
                     if cachefile.ENTRY_NAME.fullmatch(name):
                         fd = dirs.get(rel)
                         index.put(child, self._tags_at(fd, name, index) if fd is not None else ())
-                else:
-                    index.drop(child)
+                elif mask & (IN_DELETE | IN_MOVED_FROM):
+                    index.drop(child)  # (a file's IN_CREATE comes before its content: only its rename counts)
         finally:
             for dirs in opened.values():
                 dirs.close()
@@ -319,13 +322,24 @@ class TagIndex:
             os.close(fd)
         if tagged is None:
             return ()
-        if tagged.dropped:
+        if tagged.dropped and self._first_time_over(index, name):
             self._reactor.callFromThread(
                 self._limits.emit, LogLevel.warn,
                 "tag index: {name} in {zone} carries more tags than are indexed (1,000 per entry, 1,024 bytes "
                 "each); {dropped} ignored", name=name, zone=index.path, dropped=tagged.dropped,
             )
         return tagged.tags
+
+    def _first_time_over(self, index: ZoneIndex, name: str) -> bool:
+        """Whether the entry's tags over the limits have not been logged yet (remembered for 10,000 entries)."""
+        key = (index.path, name)
+        with self._lock:
+            if key in self._over_limits:
+                return False
+            if len(self._over_limits) >= 10000:
+                self._over_limits.clear()
+            self._over_limits.add(key)
+            return True
 
     def _purge(
         self, scope: PurgeTarget, tags: frozenset[str], mode: str, harvest: Harvest | None, now: float
@@ -338,42 +352,7 @@ class TagIndex:
         index, below = covering
         if not index.whole:
             return None
-        names = index.carrying(tags, below)
-        result = ScanResult(scanned=len(names))
-        started = time.monotonic()
-        dirs = DirCache(index.target)
-        soft = mode == "soft"
-        try:
-            for name in names:
-                rel, _, base = name.rpartition("/")
-                dir_fd = dirs.get(rel)
-                fd = cachefile.open_entry(dir_fd, base, cachefile.WRITE_FLAGS if soft else cachefile.READ_FLAGS) \
-                    if dir_fd is not None else None
-                if fd is None or fd == -1:
-                    index.drop(name)  # replaced by a symlink, or removed behind our back
-                    continue
-                try:
-                    tagged = read_tagged(fd, self.headers)
-                    if tagged is None or tags.isdisjoint(tagged.tags):
-                        index.put(name, tagged.tags if tagged is not None else ())  # replaced: what it says now
-                        continue
-                    if harvest is not None and tagged.entry.key is not None:
-                        harvest.record(tagged.entry.date, tagged.entry.key)
-                    if soft:
-                        if cachefile.is_fresh(tagged.entry, now):
-                            cachefile.expire(fd, now)
-                            result.marked += 1
-                        continue
-                finally:
-                    os.close(fd)
-                assert dir_fd is not None
-                if cachefile.unlink_quietly(dir_fd, base):
-                    result.deleted += 1
-                index.drop(name)
-        finally:
-            dirs.close()
-        result.seconds = time.monotonic() - started
-        return result
+        return purge_carriers(index, index.carrying(tags, below), tags, mode, harvest, now, self.headers)
 
     def _covering(self, scope: PurgeTarget) -> tuple[ZoneIndex, str] | None:
         path = scope.path
