@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from cachesvc.configfile import ConfigError, Duration, check_server_endpoint, label, shown
+from cachesvc.purge.clusterconfig import ClusterConfig, ClusterSettings, check_cluster
 from cachesvc.purge.paths import PathPolicy, Refused
 from cachesvc.purge.tags import DEFAULT_HEADERS
 from cachesvc.purge.zones import VARIABLE, VARIABLES, Zone
@@ -102,6 +103,7 @@ class PurgeConfig:
     mode: str = "hard"
     warm: WarmConfig = field(default_factory=WarmConfig)
     tags: TagsConfig = field(default_factory=TagsConfig)
+    cluster: ClusterConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class PurgeSettings:
     mode: str = "hard"  # for lines without soft:/hard:, in no zone with a mode of its own
     warm: WarmSettings = WarmSettings()
     tags: TagsSettings = TagsSettings()
+    cluster: ClusterSettings | None = None
 
 
 def check_purge(purge: PurgeConfig, source: str | None = None) -> PurgeSettings:
@@ -156,6 +159,7 @@ def check_purge(purge: PurgeConfig, source: str | None = None) -> PurgeSettings:
         mode=purge.mode,
         warm=_check_warm(purge.warm, source),
         tags=_check_tags(purge.tags, source),
+        cluster=None if purge.cluster is None else check_cluster(purge.cluster, source),
     )
 
 

@@ -20,12 +20,13 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from cachesvc import __version__
+from cachesvc.purge.cluster import Cluster
 from cachesvc.purge.config import PurgeSettings, with_backlog
 from cachesvc.purge.deleter import BatchingDeleter, delete_now
 from cachesvc.purge.keyurl import why_not_invertible
 from cachesvc.purge.nginxcache import PrefixScanner
 from cachesvc.purge.paths import PathPolicy
-from cachesvc.purge.protocol import PurgeFactory
+from cachesvc.purge.protocol import IPurge, PurgeFactory
 from cachesvc.purge.purger import Purger
 from cachesvc.purge.tags import header_names
 from cachesvc.purge.tagwatch import TagIndex
@@ -78,8 +79,14 @@ class PurgeService(MultiService):
             reactor=reactor, tags=self.tags,
         )
         self._zones = settings.zones
+        served: IPurge = self.purger
+        self.cluster: Cluster | None = None
+        if settings.cluster is not None:
+            self.cluster = Cluster(self.purger, settings.cluster, settings.roots, reactor, settings.max_line_length)
+            self.addService(self.cluster)
+            served = self.cluster
         self.factory = PurgeFactory(
-            self.purger, reactor, settings.idle_timeout, settings.max_line_length, settings.max_connections
+            served, reactor, settings.idle_timeout, settings.max_line_length, settings.max_connections
         )
         port = strports.service(with_backlog(settings.listen), self.factory, reactor=reactor)
         port.setName("purge-port")
