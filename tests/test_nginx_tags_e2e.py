@@ -229,6 +229,33 @@ def test_a_symlink_planted_in_the_zone_is_never_followed(tagged: Stack, host: st
             p.unlink()
 
 
+def test_after_a_site_purge_the_pages_cached_again_are_indexed(tagged: Stack, host: str) -> None:
+    """The SpinupWP plugin's own line empties the zone (its level directories go to the trash); nginx makes
+    new ones as it caches again, and the index follows."""
+    zone = tagged.zone(host)
+    uris = [page(f"site/{i}", "sp-post-1" if i % 2 else "sp-post-2") for i in range(6)]
+    cached(tagged, host, uris)
+    assert tagged.purge(f"{zone}") == OK
+    assert statuses(tagged, host, uris) == {u: "MISS" for u in uris}
+    cached(tagged, host, uris)
+    assert tagged.purge(f"tag:{zone} sp-post-1") == OK
+    assert "3 deleted of 3 candidates, answered by the index" in one_purge_line(tagged, f"tag:{zone} sp-post-1")
+    assert statuses(tagged, host, uris) == {u: "MISS" if i % 2 else "HIT" for i, u in enumerate(uris)}
+
+
+def test_pages_cached_before_the_daemon_started(stack: Stack, host: str) -> None:
+    """Entries nginx wrote while the daemon was down are found by its cold scan."""
+    zone = stack.zone(host)
+    stack.stop_daemon()
+    uris = [page(f"before/{i}", "b-post-1" if i % 2 else "b-post-2", "b-all") for i in range(6)]
+    cached(stack, host, uris)
+    stack.start_daemon(TAGS_YAML)
+    await_ready(stack, [stack.zone(h) for h in stack.sites])
+    assert stack.purge(f"tag:{zone} b-post-2") == OK
+    assert "3 deleted of 3 candidates, answered by the index" in one_purge_line(stack, f"tag:{zone} b-post-2")
+    assert statuses(stack, host, uris) == {u: "HIT" if i % 2 else "MISS" for i, u in enumerate(uris)}
+
+
 # --- the wire ---------------------------------------------------------------------------------------------
 
 

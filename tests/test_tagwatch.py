@@ -25,10 +25,12 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.inotify import IN_Q_OVERFLOW
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.python._inotify import INotifyError
 from zope.interface import provider
 
 from cachesvc.purge.deleter import BatchingDeleter, delete_now
 from cachesvc.purge.nginxcache import PrefixScanner, ScanResult
+from cachesvc.purge.notifier import Notifier
 from cachesvc.purge.paths import PathPolicy, PurgeTarget
 from cachesvc.purge.purger import Purger
 from cachesvc.purge.tagindex import ZoneIndex
@@ -636,3 +638,44 @@ async def test_nginx_temp_files_are_not_indexed_and_their_entry_is_once_renamed(
         finally:
             gate.set()
             slow.join(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_directory_that_cannot_be_watched_makes_purges_scan(
+    run: Any, zone: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """inotify refuses a watch (fs.inotify.max_user_watches reached): the daemon warns that tag purges there
+    scan instead, so an entry renamed into that directory later must still be purged."""
+    blind = write_entry(zone, key("blind"), headers=tags_header("seed")).parent
+    write_entry(zone, key("other"), headers=tags_header("seed"))
+    original = Notifier.add
+
+    def add(self: Notifier, path: bytes, mask: int) -> int:
+        if os.fsdecode(os.readlink(path)) == str(blind):
+            raise INotifyError("inotify_add_watch: no space left on device (the test's)")
+        return original(self, path, mask)
+
+    monkeypatch.setattr(Notifier, "add", add)
+    r = run(zone).start()
+    await until(lambda: any("cannot watch a directory" in x for x in r.lines), "the warning")
+    await ready(r, zone)
+    unseen = land(zone, "unseen", "unseen-tag", at=blind / hex_name("unseen"))
+    assert await within(r.line(f"tag:{zone} unseen-tag")) is True
+    assert not unseen.exists(), f"missed an entry in a directory the index could not watch: {r.lines[-1]}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_scope_that_is_one_entry(run: Any, zone: Path) -> None:
+    """``tag:<an entry's path> t``: the scan purges that file when it carries the tag; the index must too."""
+    first = write_entry(zone, key("first"), headers=tags_header("t"))
+    second = write_entry(zone, key("second"), headers=tags_header("t"))
+    r = run(zone)
+    gate = r.hold(r.scan_lane)
+    r.start()
+    assert await within(r.line(f"tag:{first} t")) is True
+    assert "answered by a scan" in r.purge_lines(f"tag:{first} t")[0]
+    assert (first.exists(), second.exists()) == (False, True)
+    gate.set()
+    await ready(r, zone)
+    assert await within(r.line(f"tag:{second} t")) is True
+    assert not second.exists(), r.purge_lines(f"tag:{second} t")[0]
