@@ -132,3 +132,26 @@ def test_idle_timeout_from_connect() -> None:
     assert not transport.disconnecting
     clock.advance(0.2)
     assert transport.disconnecting
+
+
+def test_a_client_that_half_closes_after_its_lines_still_gets_every_reply() -> None:
+    proto, transport, purger, _ = connect()
+    proto.dataReceived(b"/cache/a\n/cache/b")  # socat-style: the last line without newline, then EOF
+    proto.readConnectionLost()
+    assert not transport.disconnecting  # the replies are still to come
+    purger.pending[0].callback(True)
+    assert purger.requests == [b"/cache/a", b"/cache/b"]
+    assert not transport.disconnecting
+    purger.pending[1].callback(False)
+    assert transport.writes == [SUCCESS, ERROR]
+    assert transport.disconnecting  # everything answered: closed
+
+
+def test_a_half_close_with_nothing_sent_closes_and_a_lost_write_side_aborts() -> None:
+    proto, transport, purger, _ = connect()
+    proto.readConnectionLost()
+    assert transport.disconnecting and purger.requests == []  # nothing was sent: nothing to answer
+    proto2, transport2, purger2, _ = connect()
+    proto2.dataReceived(b"/cache/a\n")
+    proto2.writeConnectionLost()
+    assert transport2.disconnected or transport2.disconnecting

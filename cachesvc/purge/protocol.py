@@ -20,7 +20,7 @@ from collections import deque
 from typing import Protocol, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as WireProtocol
 from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger, LogLevel
@@ -64,7 +64,7 @@ class _Refusal(str):
     """A queue entry that answers ``Purge: Error`` and closes the connection; the text is the reason."""
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class PurgeProtocol(WireProtocol):
     """One purge connection. It is the transport's producer of replies, and pauses the transport's reading."""
 
@@ -79,6 +79,7 @@ class PurgeProtocol(WireProtocol):
         self._busy = False  # one of this connection's purges is running
         self._closing = False  # input is ignored from now on: a refusal is queued, or the peer is gone
         self._lost = False
+        self._half_closed = False  # the client has sent all it will send
         self._reading_paused = False
         self._writes_blocked = False  # the client does not read its replies
         self._pumping = False
@@ -148,6 +149,8 @@ class PurgeProtocol(WireProtocol):
                 self.factory.purger.purge(item).addCallbacks(self._answered, self._broke)
         finally:
             self._pumping = False
+        if self._half_closed and not self._queue and not self._busy:
+            self._close()  # everything the client sent is answered
         self._flow()
 
     def _turn(self) -> None:
@@ -251,6 +254,24 @@ class PurgeProtocol(WireProtocol):
             transport.abortConnection()
         else:
             transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        """The client closed its sending side after its lines (socat, ``nc -N``): answer them, then close."""
+        if self._lost:
+            return
+        rest, self._buffer = self._buffer, b""
+        if rest.endswith(b"\r"):
+            rest = rest[:-1]
+        if rest and not self._closing and len(rest) <= self.factory.max_line_length:
+            self._queue.append(rest)
+        self._line_since = None
+        self._half_closed = True
+        self._closing = True  # nothing more can arrive
+        self._pump()
+
+    def writeConnectionLost(self) -> None:
+        """Our sending side is gone: nothing can be answered, so the connection is over."""
+        self._close(abort=True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True

@@ -114,11 +114,17 @@ class Purger:
         self.tags = tags
         self.observers: list[Callable[[Purged], None]] = []  # e.g. metrics, called with every purge's outcome
         self._reactor = reactor if reactor is not None else clock
-        self._makers = {zone: url_maker(zone.key) for zone in zones.zones} if zones is not None else {}
+        self._makers: dict[Zone, Callable[[str], str | None] | None] = {}
+        self.set_zones(zones)
         self._inflight: dict[tuple[str, PurgeTarget], _Shared] = {}
         # Clients choose how many refusals there are (65,536 empty lines are 64 KiB): a burst, then counts.
         self._refused = LogBudget(self.log, clock, "purge requests refused")
         self._failed = LogBudget(self.log, clock, "purge requests failed")
+
+    def set_zones(self, zones: ZoneMap | None) -> None:
+        """Use *zones* from now on (purges under way keep the ones they started with)."""
+        self.zones = zones
+        self._makers = {zone: url_maker(zone.key) for zone in zones.zones} if zones is not None else {}
 
     def purge(self, raw: bytes) -> Deferred[bool]:
         """Fire with whether the purge succeeded. Never fails: every error is logged and is ``False``.

@@ -79,6 +79,9 @@ class PurgeService(MultiService):
             reactor=reactor, tags=self.tags,
         )
         self._zones = settings.zones
+        self.settings = settings
+        self._policy = policy
+        self._reactor = reactor
         served: IPurge = self.purger
         self.cluster: Cluster | None = None
         if settings.cluster is not None:
@@ -92,6 +95,37 @@ class PurgeService(MultiService):
         port.setName("purge-port")
         port.setServiceParent(self)
 
+    def reconfigure(self, settings: PurgeSettings) -> list[str]:
+        """Apply a re-read purge section (SIGHUP); the settings that need a restart (then nothing changed).
+
+        Zones, modes, warming, idle_timeout, max_line_length and max_connections change in place;
+        the port, the roots, the trash, the tag index's switch and headers, and the cluster do not.
+        """
+        old = self.settings
+        fixed = ["listen", "roots", "trash_dir", "tags", "cluster"]
+        needs = [f"purge.{name}" for name in fixed if getattr(old, name) != getattr(settings, name)]
+        if needs:
+            return needs
+        purger = self.purger
+        purger.set_zones(ZoneMap(settings.zones, self._policy))
+        purger.mode = settings.mode
+        if settings.warm.enabled:
+            if self.warmer is None:
+                self.warmer = Warmer(settings.warm, self._reactor, __version__)
+                self.addService(self.warmer)
+            self.warmer.settings = settings.warm
+            purger.warm, purger.warm_limit = self.warmer.warm, settings.warm.max_entries
+        else:
+            purger.warm = None
+        if self.tags is not None:
+            self.tags.set_zones(settings.zones)
+        factory = self.factory
+        factory.idle_timeout, factory.max_line_length = settings.idle_timeout, settings.max_line_length
+        factory.max_connections = settings.max_connections
+        self._zones, self.settings = settings.zones, settings
+        self._warn_unwarmable()
+        return []
+
     def startService(self) -> None:
         limit = raise_open_files_limit(self.log)
         if limit is not None and self.factory.max_connections + FD_RESERVE > limit:
@@ -100,13 +134,7 @@ class PurgeService(MultiService):
                 "else; lower it, or raise the hard limit (systemd: LimitNOFILE=)",
                 max=self.factory.max_connections, reserve=FD_RESERVE, limit=limit,
             )
-        if self.warmer is not None:
-            for zone in self._zones:
-                why = why_not_invertible(zone.key)
-                if why is not None:
-                    self.log.warn(
-                        "warming is off for zone {path}: {why}", path=zone.path, why=why,
-                    )
+        self._warn_unwarmable()
         self.trash.open()  # starts the trash's lanes when the trash is usable
         self.lane.start()
         for lane in self.scan_lanes + self.tag_lanes:
@@ -114,6 +142,14 @@ class PurgeService(MultiService):
         if self.tags is not None:
             self.tags.start()
         MultiService.startService(self)
+
+    def _warn_unwarmable(self) -> None:
+        if self.warmer is None or not self.settings.warm.enabled:
+            return
+        for zone in self._zones:
+            why = why_not_invertible(zone.key)
+            if why is not None:
+                self.log.warn("warming is off for zone {path}: {why}", path=zone.path, why=why)
 
     def stopService(self) -> Deferred[None]:
         d = maybeDeferred(super().stopService)

@@ -97,6 +97,13 @@ class TagIndex:
             self._notifier.loseConnection()
             self._notifier = None
 
+    def set_zones(self, zones: Sequence[Zone]) -> None:
+        """Index *zones* from now on: new zone directories get a cold scan; indexed ones stay as they are."""
+        self.zones = tuple(zones)
+        self._zone_dirs = [_zone_dir_pattern(zone.path) for zone in self.zones]
+        if self._notifier is not None:
+            self.scan_lane.submit(self._discover).addErrback(self._crashed, "finding the zones to index")
+
     def purge(
         self, scope: PurgeTarget, tags: frozenset[str], mode: str, harvest: Harvest | None
     ) -> Deferred[ScanResult | None]:
