@@ -26,6 +26,7 @@ class ZoneIndex:
         self._touched: set[str] | None = None  # paths events changed while a cold scan runs
         self._stale: set[str] = set()  # indexed before this scan and not found by it yet
         self._canonical: dict[str, str] = {}  # each distinct tag's one string
+        self._lost = False  # the running scan cannot make the index whole
 
     @property
     def path(self) -> str:
@@ -54,7 +55,7 @@ class ZoneIndex:
             return len(gone)
 
     def carrying(self, tags: Iterable[str], below: str = "") -> list[str]:
-        """The entries that carry any of *tags*, below the relative directory *below* (``""``: all)."""
+        """The entries that carry any of *tags* below the relative directory *below* (``""``: all)."""
         prefix = below + "/" if below else ""
         with self.lock:
             found: set[str] = set()
@@ -67,6 +68,7 @@ class ZoneIndex:
             self.whole = False
             self.scans += 1
             self._touched = set()
+            self._lost = False
             self._stale = set(self.entries)
 
     def merge(self, scanned: Mapping[str, tuple[str, ...]]) -> None:
@@ -85,12 +87,21 @@ class ZoneIndex:
                 self._forget(name)
             self._stale = set()
             self._touched = None
-            self.whole = True
+            self.whole = not self._lost  # events lost during the scan: only a later scan makes it whole
+            self._lost = False
 
     def overflowed(self) -> None:
-        """inotify lost events: tag purges scan until the next cold scan has finished."""
+        """inotify lost events (or a directory could not be watched): tag purges scan until a cold scan
+        begun after this has finished."""
         with self.lock:
             self.whole = False
+            if self._touched is not None:
+                self._lost = True
+
+    def carries(self, name: str, tags: frozenset[str]) -> bool:
+        """Whether entry *name* carries any of *tags*, as far as the index knows."""
+        with self.lock:
+            return not tags.isdisjoint(self.entries.get(name, ()))
 
     def counts(self) -> tuple[int, int, int]:
         """(entries, distinct tags, (entry, tag) pairs)."""

@@ -50,8 +50,9 @@ def parse_tags(head: bytes, names: tuple[bytes, ...]) -> Tagged | None:
     start, end = cachefile.header_region(head)
     tags: dict[str, None] = {}
     dropped = 0
-    for line in head[start:end].split(b"\n"):
-        lowered = line[: 64].lower()
+    longest = max((len(n) for n in names), default=0)
+    for line in _unframed(head[start:end]).split(b"\n"):
+        lowered = line[:longest].lower()
         name = next((n for n in names if lowered.startswith(n)), None)
         if name is None:
             continue
@@ -63,6 +64,23 @@ def parse_tags(head: bytes, names: tuple[bytes, ...]) -> Tagged | None:
                 continue
             tags[raw.decode("utf-8", "surrogateescape")] = None
     return Tagged(entry, tuple(tags), dropped)
+
+
+_FCGI_STDOUT = b"\x01\x06"  # a FastCGI record: version 1, type STDOUT
+
+
+def _unframed(region: bytes) -> bytes:
+    """The stored response headers as text: nginx keeps a FastCGI upstream's answer as it came, in
+    records (8-byte header, content, padding), and a header line may span two records."""
+    if not region.startswith(_FCGI_STDOUT):
+        return region  # proxy_cache and the others store plain HTTP
+    out, at = [], 0
+    while at + 8 <= len(region) and region[at] == 1 and region[at + 1] in (6, 7):  # STDOUT, STDERR
+        length = int.from_bytes(region[at + 4 : at + 6], "big")
+        if region[at + 1] == 6:
+            out.append(region[at + 8 : at + 8 + length])
+        at += 8 + length + region[at + 6]
+    return b"".join(out)
 
 
 def read_tagged(fd: int, names: tuple[bytes, ...]) -> Tagged | None:

@@ -359,7 +359,10 @@ class TagIndex:
         index, below = covering
         if not index.whole:
             return None
-        return purge_carriers(index, index.carrying(tags, below), tags, mode, harvest, now, self.headers)
+        names = index.carrying(tags, below)
+        if below and not names and index.carries(below, tags):
+            names = [below]  # the scope is one entry's file
+        return purge_carriers(index, names, tags, mode, harvest, now, self.headers)
 
     def _covering(self, scope: PurgeTarget) -> tuple[ZoneIndex, str] | None:
         path = scope.path
