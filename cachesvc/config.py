@@ -1,19 +1,29 @@
 """The whole config file, composed: the purge section and the Cache Daemon's fields, each checked by its half.
 
 :func:`resolve` is the one entry point: load the file, apply command-line overrides, check each
-half, and return :class:`Settings`, the resolved value every service is built from.
+half and the process-wide sections (``logging:``, ``metrics:``), and return :class:`Settings`, the
+resolved value every service is built from. A :class:`ConfigError` is a configuration error:
+twistd and the ``cachesvc`` command exit with :data:`EX_CONFIG` (78) on one.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from cachesvc.configfile import ConfigError, build, read_yaml_file, secret_warning
-from cachesvc.purge.config import PurgeConfig, PurgeSettings, check_purge
-from cachesvc.recache.settings import CacheDaemonConfig, RecacheSettings, check_recache
 
-__all__ = ["Config", "ConfigError", "Settings", "load", "resolve"]
+# Before anything imports twisted.internet.endpoints: it names sockets systemd passed without names.
+from cachesvc.observe import sdlisten
+from cachesvc.observe.logs import LogSettings, resolve_logging
+from cachesvc.purge.config import PurgeConfig, PurgeSettings, check_purge
+from cachesvc.recache.settings import CacheDaemonConfig, RecacheSettings, check_recache, go_listen_endpoint
+
+__all__ = ["EX_CONFIG", "Config", "ConfigError", "MetricsSettings", "Settings", "load", "resolve"]
+
+EX_CONFIG = getattr(os, "EX_CONFIG", 78)
+"""The exit status of a configuration error (sysexits.h): ``RestartPreventExitStatus=78`` in the unit."""
 
 
 @dataclass
@@ -29,17 +39,45 @@ class Config(CacheDaemonConfig):
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The one metrics port of the process (``metrics:``, EdgeComet's section)."""
+
+    listen: str  # a Twisted endpoint string
+    path: str
+    namespace: str
+
+
+@dataclass(frozen=True)
 class Settings:
     """What will run: each half resolved and checked, or ``None`` when it is not configured.
 
     ``warnings`` are found while the files are read, before twistd's logging starts: the service
-    logs them once it runs (a secret in a file other users can read).
+    logs them once it runs (a secret in a file other users can read). ``listen_option`` and
+    ``root_options`` are the command line's overrides, applied again when SIGHUP re-reads *source*.
     """
 
     purge: PurgeSettings | None
     recache: RecacheSettings | None
     source: str | None = None
     warnings: tuple[str, ...] = ()
+    logging: LogSettings = LogSettings()
+    metrics: MetricsSettings | None = None
+    listen_option: str | None = None
+    root_options: tuple[str, ...] = ()
+
+    def summary(self) -> str:
+        """One line of what runs where (systemd's ``STATUS=``)."""
+        parts = []
+        if self.purge is not None:
+            roots = len(self.purge.roots)
+            parts.append(f"purge on {self.purge.listen} ({roots} root{'s' if roots != 1 else ''})")
+        if self.recache is not None:
+            r = self.recache
+            api = f", API on {r.api_listen}" if r.api_enabled else ""
+            parts.append(f"recache {r.daemon_id}: {len(r.edge.hosts)} hosts{api}")
+        if self.metrics is not None:
+            parts.append(f"metrics on {self.metrics.listen}{self.metrics.path}")
+        return "; ".join(parts) or "nothing configured"
 
 
 def load(path: str | None) -> Config:
@@ -68,11 +106,45 @@ def resolve(path: str | None, listen: str | None = None, roots: Sequence[str] = 
         raise ConfigError(
             f"{config.source}: nothing to run; add a purge: section or eg_config (see README), or pass --cache-root"
         )
+    if purge is not None:  # before the endpoint is parsed: Twisted's parser raises IndexError for this
+        sdlisten.check_listen(purge.listen, "purge.listen", config.source, "tcp:7836:interface=127.0.0.1")
     purge_settings = None if purge is None else check_purge(purge, config.source)
     recache = None if config.eg_config is None else check_recache(config, config.source)
+    logs = resolve_logging(config.logging, config.source, {"daemon_id": recache.daemon_id} if recache else None)
+    metrics = _metrics(config, recache)
+    if recache is not None and recache.api_enabled:
+        sdlisten.check_listen(recache.api_listen, "http_api.listen", config.source, ":10090")
+    if metrics is not None:
+        sdlisten.check_listen(metrics.listen, "metrics.listen", config.source, ":10099")
     return Settings(
         purge=purge_settings,
         recache=recache,
         source=config.source,
-        warnings=(*config.warnings, *(recache.edge.warnings if recache else ())),
+        warnings=(*config.warnings, *(recache.edge.warnings if recache else ()), *logs.warnings),
+        logging=logs,
+        metrics=metrics,
+        listen_option=listen,
+        root_options=tuple(roots),
     )
+
+
+def _metrics(config: Config, recache: RecacheSettings | None) -> MetricsSettings | None:
+    """The metrics port: the recache half's when it runs (its checks and defaults), else ``metrics:`` alone.
+
+    Off unless ``metrics.enabled: true``, in both cases.
+    """
+    if recache is not None:
+        if not recache.metrics_enabled:
+            return None
+        return MetricsSettings(recache.metrics_listen, recache.metrics_path, recache.metrics_namespace)
+    m = config.metrics
+    if not m.enabled:
+        return None
+    where = config.source or "config"
+    if not m.listen:
+        raise ConfigError(f"{where}: metrics.listen is required when metrics are enabled, e.g. :10099")
+    try:
+        listen = go_listen_endpoint(m.listen)
+    except ValueError as e:
+        raise ConfigError(f"{where}: metrics.listen: {e}") from None
+    return MetricsSettings(listen, m.path or "/metrics", m.namespace or "edgecomet")

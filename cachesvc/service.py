@@ -2,22 +2,28 @@
 
 The twistd plugin, ``cachesvc.tac`` and the tests all call it, so they run the same tree:
 
-    MultiService
+    ServiceTree
       purge          PurgeService (its port and worker threads)     when purge: is configured
       redis          RedisClient (the pool, closed on stop)         when eg_config is set
       discovery      the registry watcher (scheduler and /status)
       http-api       the Cache Daemon API's port
-      metrics        the Prometheus port
-      scheduler      the recache loop (added last, so it stops first)
+      metrics        the Prometheus port (one for the process)      when metrics.enabled
+      scheduler      the recache loop
+      reload         SIGHUP re-reads the config file, SIGUSR1 rotates log files
+      sd-notify      READY=1, STATUS=, WATCHDOG=1, STOPPING=1 to systemd (added last, so it stops first)
 
 Children stop one at a time, last added first: the scheduler gives its unfinished entries back
-through Redis before the Redis pool closes. An application that embeds one half calls
-:func:`purge_service` or :func:`recache_services` and adds the services to an :class:`InOrder`.
+through Redis before the Redis pool closes. The tree also owns the process's log output
+(``logging:``): attached to a twistd ``Application`` it sets the application's log observer, which
+twistd then uses instead of its own. An application that embeds one half calls
+:func:`purge_service` or :func:`recache_services` and adds the services to an :class:`InOrder`
+(or calls ``makeService(settings, standalone=False)``: no observer, signals or notifications).
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
 import sys
 from collections.abc import Generator
 from typing import Any
@@ -25,11 +31,16 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 
 from cachesvc.api.routes import api_resource, api_site
 from cachesvc.config import Settings
-from cachesvc.metrics import Metrics, metrics_site
+from cachesvc.metrics import Metrics, MetricsResource
+from cachesvc.observe.logs import Console, LogControl
+from cachesvc.observe.quiet import QuietSite
+from cachesvc.observe.reload import Reloader
+from cachesvc.observe.sdnotify import Notifier, Readiness, watchdog_interval
 from cachesvc.purge.config import PurgeSettings
 from cachesvc.purge.service import PurgeService
 from cachesvc.recache.discovery import Discovery
@@ -66,7 +77,31 @@ class InOrder(MultiService):
                 log.failure("stopping {service} failed", service=service.name)
 
 
-def makeService(settings: Settings, reactor: Any = None) -> MultiService:
+class ServiceTree(InOrder):
+    """The tree :func:`makeService` returns; it gives the twistd ``Application`` it joins its log observer."""
+
+    def __init__(self, logs: LogControl | None = None) -> None:
+        InOrder.__init__(self)
+        self.logs = logs
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd looks for an ILogObserver component on the application once the tree is built,
+        # before logging begins (--logger, when given, still wins).
+        logs = self.logs
+        if logs is not None and isinstance(parent, Componentized) and parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, logs.observer)
+        InOrder.setServiceParent(self, parent)
+
+
+def makeService(
+    settings: Settings, reactor: Any = None, *, console: Console | None = None, standalone: bool = True
+) -> MultiService:
+    """The whole tree for *settings*.
+
+    *console* is where the console output goes (twistd's choice: standard output, the
+    ``--logfile`` file or syslog; default standard output). With *standalone* false the tree
+    leaves the log output, the signals and systemd alone, for an application it is part of.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -78,13 +113,47 @@ def makeService(settings: Settings, reactor: Any = None) -> MultiService:
     reactor.callWhenRunning(gc.freeze)
     for warning in settings.warnings:  # found while the files were read, before twistd's logging began
         reactor.callWhenRunning(log.warn, "{warning}", warning=warning)
-    top = InOrder()
+    logs = LogControl(settings.logging, console) if standalone else None
+    top = ServiceTree(logs)
+    metrics = None
+    if settings.metrics is not None or settings.recache is not None:
+        metrics = Metrics(settings.recache.metrics_namespace if settings.recache else "edgecomet")
+    purge = None
     if settings.purge is not None:
-        purge_service(settings.purge, reactor).setServiceParent(top)
+        purge = purge_service(settings.purge, reactor)
+        purge.setServiceParent(top)
+        if settings.metrics is not None and metrics is not None:
+            _register_purge_metrics(metrics, purge)
+    scheduler = None
     if settings.recache is not None:
-        for service in recache_services(settings.recache, reactor):
+        for service in recache_services(settings.recache, reactor, metrics):
+            service.setServiceParent(top)
+            if isinstance(service, Scheduler):
+                scheduler = service
+    elif settings.metrics is not None and metrics is not None:
+        metrics_port(metrics, settings.metrics.listen, settings.metrics.path, reactor).setServiceParent(top)
+    if standalone:
+        readiness = Readiness(Notifier.from_environment(), reactor, settings.summary(), watchdog_interval())
+        state = scheduler.state if scheduler is not None else None
+        closing: list[IService] = [Reloader(settings, reactor, purge, scheduler, state, logs, readiness), readiness]
+        for service in closing:
             service.setServiceParent(top)
     return top
+
+
+def _register_purge_metrics(metrics: Metrics, purge: PurgeService) -> None:
+    """The purge half's metrics (and the process's) on the one registry, once cachesvc.purge.metrics exists."""
+    try:
+        module = importlib.import_module("cachesvc.purge.metrics")
+    except ImportError:
+        log.warn("metrics: the purge half exports none yet (cachesvc.purge.metrics is missing)")
+        return
+    module.register_purge_metrics(metrics.registry, purge)
+
+
+def metrics_port(metrics: Metrics, listen: str, path: str, reactor: Any) -> IService:
+    """The Prometheus port: *metrics*' registry at exactly *path*, no access-log line per scrape."""
+    return _named(strports.service(listen, QuietSite(MetricsResource(metrics, path)), reactor=reactor), "metrics")
 
 
 def purge_service(settings: PurgeSettings, reactor: Any) -> PurgeService:
@@ -92,9 +161,13 @@ def purge_service(settings: PurgeSettings, reactor: Any) -> PurgeService:
     return PurgeService(settings, reactor)
 
 
-def recache_services(settings: RecacheSettings, reactor: Any) -> list[IService]:
-    """The Cache Daemon's services, in start order: Redis, the API and metrics ports, then the scheduler."""
-    metrics = Metrics(settings.metrics_namespace)
+def recache_services(settings: RecacheSettings, reactor: Any, metrics: Metrics | None = None) -> list[IService]:
+    """The Cache Daemon's services, in start order: Redis, the API and metrics ports, then the scheduler.
+
+    *metrics* is the registry to record into (and serve, when ``metrics.enabled``); a new one by default.
+    """
+    if metrics is None:
+        metrics = Metrics(settings.metrics_namespace)
     deadline = min(3.0, settings.request_timeout)  # of every Redis call, pool and pub/sub connection alike
     redis = RedisClient(settings.redis_addr, settings.redis_password, settings.redis_db, reactor,
                         timeout=deadline, metrics=metrics)
@@ -111,8 +184,7 @@ def recache_services(settings: RecacheSettings, reactor: Any) -> list[IService]:
     else:
         log.warn("HTTP API is disabled in configuration")
     if settings.metrics_enabled:
-        site = metrics_site(metrics, settings.metrics_path)
-        services.append(_named(strports.service(settings.metrics_listen, site, reactor=reactor), "metrics"))
+        services.append(metrics_port(metrics, settings.metrics_listen, settings.metrics_path, reactor))
     client, pool = pooled_client(reactor, settings.max_size)
     dispatcher = Dispatcher(client, reactor, settings.edge.auth_key, settings.timeout_per_url, pool)
     services.append(Scheduler(settings, store, ledger, dispatcher, state, reactor, metrics, registry))

@@ -54,22 +54,26 @@ def pack_header(valid_sec: int, date: int, key: bytes, headers: bytes = b"") -> 
     return HEADER.pack(*fields) + key_line + headers
 
 
+_V5 = VERSION.to_bytes(8, "little")
+_KEY_AT = slice(HEADER_SIZE, HEADER_SIZE + len(KEY_MARK))
+
+
 def parse(head: bytes) -> Entry | None:
     """The :class:`Entry` *head* (a file's first bytes) starts, or ``None`` if it is no version 5 cache file."""
-    if len(head) < HEADER_SIZE + len(KEY_MARK) or head[HEADER_SIZE : HEADER_SIZE + len(KEY_MARK)] != KEY_MARK:
-        return None
-    version, valid_sec, _, _, _, date = HEADER.unpack_from(head)[:6]
-    if version != VERSION:
+    if head[:8] != _V5 or head[_KEY_AT] != KEY_MARK:
         return None
     start = HEADER_SIZE + len(KEY_MARK)
     end = head.find(b"\n", start)
-    return Entry(valid_sec, date, head[start:end] if end >= 0 else None)
+    return Entry(
+        int.from_bytes(head[8:16], "little", signed=True),
+        int.from_bytes(head[40:48], "little", signed=True),
+        head[start:end] if end >= 0 else None,
+    )
 
 
 def header_region(head: bytes) -> tuple[int, int]:
     """(``header_start``, ``body_start``) of a version 5 header: where the stored upstream headers are."""
-    fields = HEADER.unpack_from(head)
-    return fields[8], fields[9]
+    return int.from_bytes(head[54:56], "little"), int.from_bytes(head[56:58], "little")
 
 
 def key_anywhere(head: bytes) -> bytes | None:

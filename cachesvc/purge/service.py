@@ -72,7 +72,9 @@ class PurgeService(MultiService):
         if settings.tags.enabled:
             self.tag_lanes = [WorkerThread(reactor, "cachesvc-tags"), WorkerThread(reactor, "cachesvc-tag-scan")]
             lane, scan_lane = self.tag_lanes
-            self.tags = TagIndex(settings.zones, policy, header_names(settings.tags.headers), lane, scan_lane, reactor)
+            self.tags = TagIndex(
+                settings.zones, policy, header_names(settings.tags.headers), lane, scan_lane, reactor, self.trash
+            )
         self.purger = Purger(
             policy, deleter, reactor, ZoneMap(settings.zones, policy), scanner, mode=settings.mode,
             warm=self.warmer.warm if self.warmer is not None else None, warm_limit=settings.warm.max_entries,

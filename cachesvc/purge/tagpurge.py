@@ -17,6 +17,7 @@ from cachesvc.purge.harvest import Harvest
 from cachesvc.purge.nginxcache import ScanResult
 from cachesvc.purge.tagindex import ZoneIndex
 from cachesvc.purge.tags import read_tagged
+from cachesvc.purge.trash import Trash
 
 
 def purge_carriers(
@@ -27,12 +28,18 @@ def purge_carriers(
     harvest: Harvest | None,
     now: float,
     headers: tuple[bytes, ...],
+    trash: Trash | None = None,
 ) -> ScanResult:
-    """Purge the entries *names* of *index* that still carry one of *tags*; thread only."""
+    """Purge the entries *names* of *index* that still carry one of *tags*; thread only.
+
+    Hard purges move the files into a slot of *trash* (deleted in the background) when it can take
+    them, else unlink them.
+    """
     result = ScanResult(scanned=len(names))
     started = time.monotonic()
     dirs = DirCache(index.target)
     soft = mode == "soft"
+    slot = trash.files_slot(index.target) if trash is not None and not soft and names else None
     try:
         for name in names:
             rel, _, base = name.rpartition("/")
@@ -57,11 +64,13 @@ def purge_carriers(
             finally:
                 os.close(fd)
             assert dir_fd is not None
-            if cachefile.unlink_quietly(dir_fd, base):
+            if slot.move(dir_fd, base) if slot is not None else cachefile.unlink_quietly(dir_fd, base):
                 result.deleted += 1
             index.drop(name)
     finally:
         dirs.close()
+        if slot is not None:
+            slot.close()
     result.seconds = time.monotonic() - started
     return result
 

@@ -8,6 +8,7 @@ several times; its tags add up. Blocking reads: worker threads only.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -42,21 +43,19 @@ def header_names(names: Sequence[str]) -> tuple[bytes, ...]:
     return tuple(name.lower().encode("latin-1") + b":" for name in names)
 
 
-def parse_tags(head: bytes, names: tuple[bytes, ...]) -> Tagged | None:
-    """The tags in *head* (a cache file's first bytes, up to ``body_start``); ``None`` if not a cache file."""
-    entry = cachefile.parse(head)
+def parse_tags(head: bytes, names: tuple[bytes, ...], entry: cachefile.Entry | None = None) -> Tagged | None:
+    """The tags in *head* (a cache file's first bytes, up to ``body_start``); ``None`` if not a cache file.
+
+    *entry*: what :func:`cachefile.parse` already made of *head*.
+    """
+    entry = entry or cachefile.parse(head)
     if entry is None:
         return None
     start, end = cachefile.header_region(head)
     tags: dict[str, None] = {}
     dropped = 0
-    longest = max((len(n) for n in names), default=0)
-    for line in _unframed(head[start:end]).split(b"\n"):
-        lowered = line[:longest].lower()
-        name = next((n for n in names if lowered.startswith(n)), None)
-        if name is None:
-            continue
-        for raw in _SEPARATORS.split(line[len(name) :].strip(b" \t\r")):
+    for match in _pattern(names).finditer(_unframed(head[start:end])):
+        for raw in _SEPARATORS.split(match.group(1).strip(b" \t")):
             if not raw:
                 continue
             if len(raw) > MAX_TAG_BYTES or len(tags) >= MAX_TAGS:
@@ -64,6 +63,13 @@ def parse_tags(head: bytes, names: tuple[bytes, ...]) -> Tagged | None:
                 continue
             tags[raw.decode("utf-8", "surrogateescape")] = None
     return Tagged(entry, tuple(tags), dropped)
+
+
+@functools.lru_cache(maxsize=16)
+def _pattern(names: tuple[bytes, ...]) -> re.Pattern[bytes]:
+    """One expression for every tags header line: ``Name:`` at a line's start, any case; the value."""
+    alternatives = b"|".join(re.escape(name[:-1]) for name in names)  # each name ends with ":"
+    return re.compile(rb"(?im)^(?:" + alternatives + rb"):([^\r\n]*)")
 
 
 _FCGI_STDOUT = b"\x01\x06"  # a FastCGI record: version 1, type STDOUT
@@ -92,4 +98,8 @@ def read_tagged(fd: int, names: tuple[bytes, ...]) -> Tagged | None:
     _, end = cachefile.header_region(head)
     if end > len(head) and len(head) == cachefile.FIRST_READ:
         head += os.pread(fd, min(end, MAX_HEADERS) - len(head), len(head))
-    return parse_tags(head, names)
+        if entry.key is None:
+            entry = cachefile.parse(head)  # the key line ran past the first read
+            if entry is None:
+                return None
+    return parse_tags(head, names, entry)

@@ -44,6 +44,7 @@ from cachesvc.purge.ratelimit import LogBudget
 from cachesvc.purge.tagindex import ZoneIndex
 from cachesvc.purge.tagpurge import purge_carriers
 from cachesvc.purge.tags import read_tagged
+from cachesvc.purge.trash import Trash
 from cachesvc.purge.workers import WorkerThread
 from cachesvc.purge.zones import Zone
 
@@ -66,12 +67,14 @@ class TagIndex:
         lane: WorkerThread,
         scan_lane: WorkerThread,
         reactor: Any,
+        trash: Trash | None = None,
     ) -> None:
         self.zones = tuple(zones)
         self.policy = policy
         self.headers = headers
         self.lane = lane
         self.scan_lane = scan_lane
+        self.trash = trash  # hard tag purges move their files there
         self._reactor = reactor
         self._notifier: Notifier | None = None
         self.indexes: dict[str, ZoneIndex] = {}
@@ -362,7 +365,7 @@ class TagIndex:
         names = index.carrying(tags, below)
         if below and not names and index.carries(below, tags):
             names = [below]  # the scope is one entry's file
-        return purge_carriers(index, names, tags, mode, harvest, now, self.headers)
+        return purge_carriers(index, names, tags, mode, harvest, now, self.headers, self.trash)
 
     def _covering(self, scope: PurgeTarget) -> tuple[ZoneIndex, str] | None:
         path = scope.path

@@ -28,6 +28,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 from zope.interface import Interface, implementer
 
+from cachesvc.observe.quiet import quiet_pool
 from cachesvc.recache.gojson import encode_object
 
 BODY_LIMIT = 64 * 1024
@@ -100,8 +101,8 @@ class IDispatcher(Interface):
 
 
 def pooled_client(reactor: Any, max_connections: int) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """A treq client over a persistent pool of at most *max_connections* per gateway."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    """A treq client over a persistent pool of at most *max_connections* per gateway (quiet: no line per connection)."""
+    pool = quiet_pool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_connections
     pool.cachedConnectionTimeout = 30
     return HTTPClient(Agent(reactor, pool=pool)), pool

@@ -6,6 +6,9 @@ claims as much due work as the budget allows; every finished request triggers a 
 Render Services stay at the capacity line between ticks instead of idling until the next one.
 High-priority queues are considered on every claim; normal and autorecache at least every
 ``normal_check_interval`` and on every claim while due work is waiting there.
+
+Each successful recache is logged at debug; once a minute, when anything was sent or dead-lettered,
+one info line sums it up (sent, succeeded, failed, dead-lettered).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from cachesvc.recache.registry import capacity_line, healthy_services
 from cachesvc.recache.settings import RecacheSettings
 from cachesvc.recache.state import SchedulerState
 from cachesvc.recache.store import Store
+
+SUMMARY_EVERY = 60.0
+"""Seconds between the info lines that sum up the recache requests."""
 
 
 class Scheduler(Service):
@@ -76,6 +82,9 @@ class Scheduler(Service):
         self._normal_active = False
         self._outage: str | None = None
         self._stopping = False
+        self.counts = dict.fromkeys(("sent", "succeeded", "failed", "dead_lettered"), 0)  # since the last summary
+        self._summary = LoopingCall(self._summarise)
+        self._summary.clock = reactor
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -94,6 +103,14 @@ class Scheduler(Service):
                       lease=self.settings.lease)
         self.loop.start(self.settings.tick_interval, now=False).addErrback(
             lambda f: self.log.failure("scheduler loop stopped", f))
+        self._summary.start(SUMMARY_EVERY, now=False)
+
+    def _summarise(self) -> None:
+        counts = self.counts
+        if counts["sent"] or counts["dead_lettered"]:
+            self.log.info("recache requests in the last {every:g}s: sent={sent} succeeded={succeeded} failed={failed} "
+                          "dead_lettered={dead_lettered}", every=SUMMARY_EVERY, **counts)
+        self.counts = dict.fromkeys(counts, 0)
 
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
@@ -102,6 +119,8 @@ class Scheduler(Service):
         Service.stopService(self)
         if self.loop.running:
             self.loop.stop()
+        if self._summary.running:
+            self._summary.stop()
         if self._cycle_ended is not None:
             # A claim may be on its way back from Redis: wait for it (every Redis call is bounded), so
             # that what it claimed is released below, before the Redis pool closes.
@@ -289,6 +308,7 @@ class Scheduler(Service):
             self.log.error("Failed to unmarshal RecacheMember {member!r}: {e}; quarantined in the dead-letter set",
                            member=claim.member, e=str(e))
             self.metrics.dead_letters.labels("undecodable").inc()
+            self.counts["dead_lettered"] += 1
             yield self._settle(claim, "dead", reason=f"undecodable member: {e}", failed_at=int(self.reactor.seconds()))
             return
         gateway = self.gateways.pick()
@@ -296,6 +316,7 @@ class Scheduler(Service):
             yield self._settle(claim, "release")
             return
         started = self.reactor.seconds()
+        self.counts["sent"] += 1
         try:
             status = yield self.dispatcher.send(gateway, member.url, claim.host_id, member.dimension_id)
         except Exception as e:
@@ -308,14 +329,20 @@ class Scheduler(Service):
         self.metrics.eg_requests.labels(gateway.id, outcome).inc()
         self.metrics.recache_requests.labels(outcome, claim.priority).inc()
         if status == 200:
+            self.counts["succeeded"] += 1
+            self.log.debug("Recache succeeded url={url!r} host_id={host} dimension_id={dim} eg={eg} in {ms:.0f} ms",
+                           url=member.url, host=claim.host_id, dim=member.dimension_id, eg=gateway.id,
+                           ms=(self.reactor.seconds() - started) * 1000)
             yield self._settle(claim, "ack")
             return
+        self.counts["failed"] += 1
         now = int(self.reactor.seconds())
         if outcome == "client_error":
             self.log.error("Recache rejected by {eg} ({error}), dead-lettered url={url!r} host_id={host} "
                            "dimension_id={dim}",
                            eg=gateway.id, error=error, url=member.url, host=claim.host_id, dim=member.dimension_id)
             self.metrics.dead_letters.labels("rejected").inc()
+            self.counts["dead_lettered"] += 1
             yield self._settle(claim, "dead", reason=f"{gateway.id} answered {error}", failed_at=now)
             return
         result = yield self._settle(claim, "retry", self.settings.retry_base_delay, self.settings.max_retries,
@@ -324,5 +351,6 @@ class Scheduler(Service):
                                           failed_at=now)
         if result == "dead":
             self.metrics.dead_letters.labels("exhausted").inc()
+            self.counts["dead_lettered"] += 1
             self.log.error("Recache failed after max retries, dead-lettered url={url!r} host_id={host} error={error}",
                            url=member.url, host=claim.host_id, error=error)
