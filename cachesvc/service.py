@@ -3,13 +3,13 @@
 The twistd plugin, ``cachesvc.tac`` and the tests all call it, so they run the same tree:
 
     ServiceTree
+      reload         SIGHUP re-reads the config file, SIGUSR1 rotates log files (first: before any port)
       purge          PurgeService (its port and worker threads)     when purge: is configured
       redis          RedisClient (the pool, closed on stop)         when eg_config is set
       discovery      the registry watcher (scheduler and /status)
       http-api       the Cache Daemon API's port
       metrics        the Prometheus port (one for the process)      when metrics.enabled
       scheduler      the recache loop
-      reload         SIGHUP re-reads the config file, SIGUSR1 rotates log files
       sd-notify      READY=1, STATUS=, WATCHDOG=1, STOPPING=1 to systemd (added last, so it stops first)
 
 Children stop one at a time, last added first: the scheduler gives its unfinished entries back
@@ -115,29 +115,34 @@ def makeService(
         reactor.callWhenRunning(log.warn, "{warning}", warning=warning)
     logs = LogControl(settings.logging, console) if standalone else None
     top = ServiceTree(logs)
-    metrics = None
-    if settings.metrics is not None or settings.recache is not None:
-        metrics = Metrics(settings.recache.metrics_namespace if settings.recache else "edgecomet")
+    parts: list[IService] = []  # built first: the reloader needs them, and starts before them
+    metrics = None  # one registry for the process
+    if settings.recache is not None:
+        metrics = Metrics(settings.recache.metrics_namespace)
+    elif settings.metrics is not None:
+        metrics = Metrics(settings.metrics.namespace)
     purge = None
     if settings.purge is not None:
         purge = purge_service(settings.purge, reactor)
-        purge.setServiceParent(top)
+        parts.append(purge)
         if settings.metrics is not None and metrics is not None:
             _register_purge_metrics(metrics, purge)
     scheduler = None
     if settings.recache is not None:
         for service in recache_services(settings.recache, reactor, metrics):
-            service.setServiceParent(top)
+            parts.append(service)
             if isinstance(service, Scheduler):
                 scheduler = service
     elif settings.metrics is not None and metrics is not None:
-        metrics_port(metrics, settings.metrics.listen, settings.metrics.path, reactor).setServiceParent(top)
+        parts.append(metrics_port(metrics, settings.metrics.listen, settings.metrics.path, reactor))
     if standalone:
         readiness = Readiness(Notifier.from_environment(), reactor, settings.summary(), watchdog_interval())
         state = scheduler.state if scheduler is not None else None
-        closing: list[IService] = [Reloader(settings, reactor, purge, scheduler, state, logs, readiness), readiness]
-        for service in closing:
-            service.setServiceParent(top)
+        # First: its signal handlers are in place before any port listens. Last: readiness starts
+        # when the rest has, and stops first.
+        parts = [Reloader(settings, reactor, purge, scheduler, state, logs, readiness), *parts, readiness]
+    for service in parts:
+        service.setServiceParent(top)
     return top
 
 
