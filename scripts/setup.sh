@@ -1,6 +1,6 @@
 # Sourced by scripts/run.sh and scripts/test.sh: installs what is missing, nothing more.
 #   - Debian packages the tests drive for real: redis-server, nginx, php-cli; for WordPress: wordpress,
-#     php-fpm, php-mysql, mariadb-server
+#     php-fpm, php-mysql, mariadb-server; systemd (systemd-socket-activate, systemd-analyze) for the units
 #   - a virtualenv in .venv with cachesvc (editable, so twistd sees twisted/plugins) and its test tools
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
