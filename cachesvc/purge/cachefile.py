@@ -12,7 +12,7 @@ import errno
 import os
 import re
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 VERSION = 5
 HEADER = struct.Struct("<Q5qIHHHB128sB128s16s4x")
@@ -33,9 +33,8 @@ READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 WRITE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
-@dataclass(frozen=True)
-class Entry:
-    """What the header says of a version 5 cache file."""
+class Entry(NamedTuple):
+    """What the header says of a version 5 cache file (a tuple: one is made per file a walk reads)."""
 
     valid_sec: int
     date: int

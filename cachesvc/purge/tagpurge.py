@@ -16,7 +16,7 @@ from cachesvc.purge.fstree import DirCache
 from cachesvc.purge.harvest import Harvest
 from cachesvc.purge.nginxcache import ScanResult
 from cachesvc.purge.tagindex import ZoneIndex
-from cachesvc.purge.tags import read_tagged
+from cachesvc.purge.tags import carries, parse_tags, read_head
 from cachesvc.purge.trash import Trash
 
 
@@ -40,6 +40,7 @@ def purge_carriers(
     dirs = DirCache(index.target)
     soft = mode == "soft"
     slot = trash.files_slot(index.target) if trash is not None and not soft and names else None
+    wanted = frozenset(t.encode("utf-8", "surrogateescape") for t in tags)
     try:
         for name in names:
             rel, _, base = name.rpartition("/")
@@ -50,14 +51,15 @@ def purge_carriers(
                 index.drop(name)  # replaced by a symlink, or removed behind our back
                 continue
             try:
-                tagged = read_tagged(fd, headers)
-                if tagged is None or tags.isdisjoint(tagged.tags):
+                head, entry = read_head(fd)
+                if entry is None or not carries(head, entry, headers, wanted):
+                    tagged = parse_tags(head, headers, entry) if entry is not None else None
                     index.put(name, tagged.tags if tagged is not None else ())  # replaced: what it says now
                     continue
-                if harvest is not None and tagged.entry.key is not None:
-                    harvest.record(tagged.entry.date, tagged.entry.key)
+                if harvest is not None and entry.key is not None:
+                    harvest.record(entry.date, entry.key)
                 if soft:
-                    if cachefile.is_fresh(tagged.entry, now):
+                    if cachefile.is_fresh(entry, now):
                         cachefile.expire(fd, now)
                         result.marked += 1
                     continue

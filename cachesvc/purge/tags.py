@@ -12,7 +12,7 @@ import functools
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cachesvc.purge import cachefile
 
@@ -29,8 +29,7 @@ _SEPARATORS = re.compile(rb"[ ,\t]+")
 DEFAULT_HEADERS = ("X-Cache-Tags", "Cache-Tag", "Surrogate-Key", "xkey")
 
 
-@dataclass(frozen=True)
-class Tagged:
+class Tagged(NamedTuple):
     """A version 5 cache file's entry and its tags; *dropped*: tags ignored for the limits."""
 
     entry: cachefile.Entry
@@ -65,6 +64,32 @@ def parse_tags(head: bytes, names: tuple[bytes, ...], entry: cachefile.Entry | N
     return Tagged(entry, tuple(tags), dropped)
 
 
+def carries(head: bytes, entry: cachefile.Entry, names: tuple[bytes, ...], wanted: frozenset[bytes]) -> bool:
+    """Whether the cache file *head* starts (parsed as *entry*) carries any of *wanted* (tags as bytes).
+
+    The question a tag purge asks of each candidate, answered without building its tag list.
+    """
+    start, end = cachefile.header_region(head)
+    for match in _pattern(names).finditer(_unframed(head[start:end])):
+        if not wanted.isdisjoint(_SEPARATORS.split(match.group(1))):
+            return True
+    return False
+
+
+def read_head(fd: int) -> tuple[bytes, cachefile.Entry | None]:
+    """Blocking: open file *fd*'s first bytes, to the end of its header region, and its entry."""
+    head = os.pread(fd, cachefile.FIRST_READ, 0)
+    entry = cachefile.parse(head)
+    if entry is None:
+        return head, None
+    _, end = cachefile.header_region(head)
+    if end > len(head) and len(head) == cachefile.FIRST_READ:
+        head += os.pread(fd, min(end, MAX_HEADERS) - len(head), len(head))
+        if entry.key is None:
+            entry = cachefile.parse(head)  # the key line ran past the first read
+    return head, entry
+
+
 @functools.lru_cache(maxsize=16)
 def _pattern(names: tuple[bytes, ...]) -> re.Pattern[bytes]:
     """One expression for every tags header line: ``Name:`` at a line's start, any case; the value."""
@@ -91,15 +116,5 @@ def _unframed(region: bytes) -> bytes:
 
 def read_tagged(fd: int, names: tuple[bytes, ...]) -> Tagged | None:
     """Blocking: the tags of open file *fd*, reading only its header region."""
-    head = os.pread(fd, cachefile.FIRST_READ, 0)
-    entry = cachefile.parse(head)
-    if entry is None:
-        return None
-    _, end = cachefile.header_region(head)
-    if end > len(head) and len(head) == cachefile.FIRST_READ:
-        head += os.pread(fd, min(end, MAX_HEADERS) - len(head), len(head))
-        if entry.key is None:
-            entry = cachefile.parse(head)  # the key line ran past the first read
-            if entry is None:
-                return None
-    return parse_tags(head, names, entry)
+    head, entry = read_head(fd)
+    return None if entry is None else parse_tags(head, names, entry)
