@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,20 @@ from typing import Any
 import pytest
 from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
 
 from cachesvc import config
 from cachesvc.configfile import ConfigError
-from cachesvc.observe.logs import LogControl, LogSettings, Output, json_line, json_record, resolve_logging
+from cachesvc.observe.logs import (
+    LogControl,
+    LogSettings,
+    Output,
+    Syslog,
+    json_line,
+    json_record,
+    resolve_logging,
+    twistd_console,
+)
 from cachesvc.observe.quiet import QuietHTTP11ClientFactory, quiet_pool
 from cachesvc.recache.dispatch import pooled_client
 from cachesvc.recache.settings import LoggingConfig
@@ -261,3 +272,29 @@ def test_no_metrics_port_unless_enabled(tmp_path: Path, cache_root: Path) -> Non
     finally:
         daemon.stop()
     assert config.resolve(str(tmp_path / "cachesvc.yaml")).metrics is None
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (None, "stdout"),
+        ({"logfile": "-", "nodaemon": True}, "stdout"),
+        ({"logfile": None, "nodaemon": True}, "stdout"),
+        ({"logfile": "x.log", "nodaemon": True}, "x.log"),
+        ({"logfile": None, "nodaemon": False}, "twistd.log"),
+        ({"syslog": True, "prefix": "cachesvc"}, Syslog("cachesvc")),
+    ],
+)
+def test_the_console_is_where_twistd_would_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: Any,
+                                               expected: Any) -> None:
+    monkeypatch.chdir(tmp_path)
+    sink = twistd_console(options)
+    if expected == "stdout":
+        assert sink is sys.stdout
+    elif isinstance(expected, Syslog):
+        assert sink == expected
+        assert LogControl(LogSettings(), sink).files == []
+    else:
+        assert isinstance(sink, LogFile) and sink.path == str(tmp_path / expected)
+        assert LogControl(LogSettings(), sink).files == [sink]
+        sink.close()
