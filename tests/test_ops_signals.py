@@ -104,6 +104,7 @@ def test_without_a_config_file(purge_daemon: tuple[Daemon, int]) -> None:
     daemon, port = purge_daemon
     hup(daemon, "nothing to re-read")
     hup(daemon, "nothing to re-read")
+    daemon.proc.send_signal(signal.SIGUSR1)  # no log file to rotate: nothing happens, and nothing ends
     assert purge(port, b"/definitely/outside\n") == ERR and daemon.proc.poll() is None
 
 

@@ -127,7 +127,7 @@ class Reloader(Service):
             self.log.warn("not in the main thread: SIGHUP and SIGUSR1 are not handled")
             return
         self._install(signal.SIGHUP, self.reload)
-        if self.logs is not None and self.logs.files:
+        if self.logs is not None:  # with no file to rotate too: a stray SIGUSR1 must not end the daemon
             self._install(signal.SIGUSR1, self.logs.rotate)
 
     def _install(self, signum: int, call: Callable[[], Any]) -> None:
