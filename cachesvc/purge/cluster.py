@@ -16,11 +16,12 @@ Redis keys, named after ``purge.cluster.stream`` (``S``): ``S`` (fields ``node``
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Generator
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, FirstError, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -62,8 +63,12 @@ class Cluster(Service):
         self.live: set[str] = set()  # other nodes whose heartbeat has not expired, as of the last beat
         self.caught_up = False
         self._ready: list[Deferred[None]] = []
+        self._opened = False  # purges are served (caught up, or Redis was unreachable)
         self._acks = Acks(reactor)
         self._position = ""  # the last entry applied here (or originated here)
+        self._read_position = ""  # the last entry read from the stream (applied, or waiting in _pending)
+        self._pending: deque[tuple[str, dict[bytes, bytes]]] = deque()
+        self._applying: Deferred[None] | None = None
         self._ack_position = ""
         self._down: str | None = None  # why Redis is unreachable, while it is (logged once per outage)
         self._beat = LoopingCall(self._heartbeat)
@@ -91,7 +96,7 @@ class Cluster(Service):
 
     def purge(self, raw: bytes) -> Deferred[bool]:
         """Purge here, hand the line to the cluster, and fire with whether every live node did it too."""
-        if self.caught_up or not self.running:
+        if self.caught_up or self._opened or not self.running:
             return self._purge(raw)
         wait: Deferred[None] = Deferred()
         self._ready.append(wait)  # served once what was missed is applied
@@ -163,6 +168,9 @@ class Cluster(Service):
 
     @inlineCallbacks
     def _catch_up(self) -> Generator[Deferred[Any], Any, None]:
+        self._pending.clear()
+        if self._applying is not None:
+            yield self._applying  # what is being applied finishes, and keeps its place, first
         position = self._position or clusterio.text((yield self.redis.call("GET", self.keys.position)))
         info = yield clusterio.stream_info(self.redis, self.keys.stream)
         if not self._ack_position:
@@ -171,7 +179,7 @@ class Cluster(Service):
         if not position:
             position = info.last  # a new node: its cache holds nothing the stream could have purged
             self.log.info("cluster: node {node} joins at {id}", node=self.settings.node, id=position)
-        elif newer(info.trimmed, position):
+        elif newer(info.trimmed, position) or (yield self._lost_after(position, info)):
             self.log.warn(
                 "cluster: entries after {id}, the last one node {node} applied, were trimmed from {stream} "
                 "(purge.cluster.retention); purging every zone here once, hard, as it cannot know what it missed",
@@ -194,20 +202,49 @@ class Cluster(Service):
         self._open_gate()
 
     @inlineCallbacks
+    def _lost_after(self, position: str, info: clusterio.StreamInfo) -> Generator[Deferred[Any], Any, bool]:
+        """Whether entries after *position* may have been trimmed (by ``MINID``/``MAXLEN``, which Redis
+        does not record as deletions): the stream now starts after it and the entry itself is gone.
+        Conservative: trimming that took only entries up to *position* also counts."""
+        if not info.first or not newer(info.first, position):
+            return False
+        if position == "0-0":
+            return info.added > info.length
+        still = yield self.redis.call("XRANGE", self.keys.stream, position, position)
+        return not still
+
+    @inlineCallbacks
     def _follow(self) -> Generator[Deferred[Any], Any, None]:
+        """Read both streams; acknowledgements are recorded at once, purges are applied one by one
+        beside the reading (a long purge being applied here never holds up the answers to ours)."""
+        self._read_position = self._position
         while self.running:
             reply = yield self.reader.call(
                 "XREAD", "COUNT", 100, "BLOCK", int(BLOCK * 1000),
-                "STREAMS", self.keys.stream, self.keys.acks, self._position, self._ack_position,
+                "STREAMS", self.keys.stream, self.keys.acks, self._read_position, self._ack_position,
             )
-            for stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    entry, values = clusterio.text(entry_id), clusterio.fields(fields)
-                    if stream == self.keys.acks.encode():
-                        self._ack_position = entry
-                        self._acks.record(values)
-                    else:
-                        yield self._apply(entry, values)
+            streams = {stream: entries for stream, entries in reply or []}
+            for entry_id, fields in streams.get(self.keys.acks.encode(), []):
+                self._ack_position = clusterio.text(entry_id)
+                self._acks.record(clusterio.fields(fields))
+            for entry_id, fields in streams.get(self.keys.stream.encode(), []):
+                self._read_position = clusterio.text(entry_id)
+                self._pending.append((self._read_position, clusterio.fields(fields)))
+            if self._pending and self._applying is None:
+                self._applying = self._apply_pending()
+
+    @inlineCallbacks
+    def _apply_pending(self) -> Generator[Deferred[Any], Any, None]:
+        try:
+            while self._pending and self.running:
+                entry, fields = self._pending.popleft()
+                try:
+                    yield self._apply(entry, fields)
+                except (RedisUnavailable, RedisError) as e:
+                    self._outage(str(e))  # the catch-up after the outage applies it from the last place kept
+                    self._pending.clear()
+        finally:
+            self._applying = None
 
     @inlineCallbacks
     def _apply(self, entry: str, fields: dict[bytes, bytes]) -> Generator[Deferred[Any], Any, int]:
@@ -222,12 +259,18 @@ class Cluster(Service):
             safe = len(line) <= self.max_line_length and b"\n" not in line and b"\r" not in line
             ok = bool((yield self.local.purge(line))) if safe else False
             applied = 1
-            yield self.redis.call(
+            acked = self.redis.call(
                 "XADD", self.keys.acks, "MAXLEN", "~", 100_000, "*",
                 "id", entry, "node", self.settings.node, "ok", "1" if ok else "0",
             )
+        else:
+            acked = succeed(None)
         self._position = entry
-        yield self.redis.call("SET", self.keys.position, entry)
+        kept = self.redis.call("SET", self.keys.position, entry)  # pipelined behind the acknowledgement
+        try:
+            yield gatherResults([acked, kept], consumeErrors=True)
+        except FirstError as e:
+            e.subFailure.raiseException()  # RedisUnavailable: the catch-up after the outage goes on from here
         return applied
 
     @inlineCallbacks
@@ -267,7 +310,16 @@ class Cluster(Service):
             self._down = None
             self.log.info("cluster: Redis at {address} answers again", address=self.settings.address)
 
+    def when_open(self) -> Deferred[None]:
+        """Fires once this node serves purges: it has caught up, or Redis did not answer at start."""
+        if self.caught_up or self._opened:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._ready.append(d)
+        return d
+
     def _open_gate(self) -> None:
+        self._opened = True
         waiting, self._ready = self._ready, []
         for d in waiting:
             d.callback(None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from cachesvc.configfile import ConfigError, Duration, label, shown
 
@@ -55,14 +55,22 @@ def check_cluster(cluster: ClusterConfig, source: str | None) -> ClusterSettings
             ok = parsed is not None and parsed.scheme == "redis" and bool(parsed.hostname) and not parsed.query
             db_text = parsed.path.strip("/") if parsed is not None else ""
             db = int(db_text) if db_text else 0
+            ok = ok and db_text.isdigit() if db_text else ok
         except ValueError:
             ok = False
-        if not ok or parsed is None or parsed.hostname is None:
+        if not ok or parsed is None or parsed.hostname is None or port == 0:
             raise ConfigError(f"{where}: {shown(text)} is not a Redis address; use {example}")
-        host, password = parsed.hostname, parsed.password or ""
+        if parsed.username:
+            raise ConfigError(
+                f"{where}: Redis ACL users are not supported; give only the password, e.g. redis://:password@host:6379/0"
+            )
+        if not 0 <= db <= 1_000_000:
+            raise ConfigError(f"{where}: database {db} is out of range; use 0 to 1000000 (usually 0-15)")
+        host, password = parsed.hostname, unquote(parsed.password or "")
         port = port or 6379
     else:
         host, _, port_text = text.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise ConfigError(f"{where}: {shown(text)} is not a Redis address; use {example}")
         port = int(port_text)

@@ -72,7 +72,10 @@ def newer(a: str, b: str) -> bool:
 @dataclass(frozen=True)
 class StreamInfo:
     last: str  # the last id ever generated ("0-0": none)
-    trimmed: str  # the highest id trimmed away ("0-0": none)
+    trimmed: str  # the highest id deleted by XDEL ("0-0": none); trimming is not recorded here
+    first: str = ""  # the first entry's id ("": the stream is empty)
+    added: int = 0  # entries ever added
+    length: int = 0  # entries it holds
 
 
 @inlineCallbacks
@@ -84,7 +87,14 @@ def stream_info(redis: RedisClient, stream: str) -> Any:
             return StreamInfo("0-0", "0-0")
         raise
     info = {text(reply[i]): reply[i + 1] for i in range(0, len(reply) - 1, 2)}
-    return StreamInfo(text(info.get("last-generated-id")) or "0-0", text(info.get("max-deleted-entry-id")) or "0-0")
+    first = info.get("first-entry")
+    return StreamInfo(
+        text(info.get("last-generated-id")) or "0-0",
+        text(info.get("max-deleted-entry-id")) or "0-0",
+        text(first[0]) if first else "",
+        int(text(info.get("entries-added")) or 0),
+        int(text(info.get("length")) or 0),
+    )
 
 
 def zone_roots(roots: Sequence[str]) -> list[str]:

@@ -95,7 +95,9 @@ class PurgeService(MultiService):
         )
         port = strports.service(with_backlog(settings.listen), self.factory, reactor=reactor)
         port.setName("purge-port")
-        port.setServiceParent(self)
+        self.port = port
+        if self.cluster is None:
+            port.setServiceParent(self)  # else once the cluster has caught up (startService)
 
     def reconfigure(self, settings: PurgeSettings) -> list[str]:
         """Apply a re-read purge section (SIGHUP); the settings that need a restart (then nothing changed).
@@ -144,6 +146,9 @@ class PurgeService(MultiService):
         if self.tags is not None:
             self.tags.start()
         MultiService.startService(self)
+        if self.cluster is not None:
+            # A node applies what it missed before it listens (or once Redis fails to answer at start).
+            self.cluster.when_open().addCallback(lambda _: self.running and self.port.setServiceParent(self))
 
     def _warn_unwarmable(self) -> None:
         if self.warmer is None or not self.settings.warm.enabled:
