@@ -259,7 +259,7 @@ def test_max_connections_must_be_positive(tmp_path: Path, redis_server: Any) -> 
     port = free_port()
     conf = write_configs(tmp_path, redis_server.addr, port, api="  max_connections: 0\n")
     daemon = Daemon(["--config", str(conf)], tmp_path)
-    assert daemon.exit_code() == 1
+    assert daemon.exit_code() == 78  # EX_CONFIG (issue 13)
     daemon.stop()
     assert "http_api.max_connections must be > 0, got 0" in daemon.log
 
