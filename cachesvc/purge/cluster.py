@@ -204,10 +204,13 @@ class Cluster(Service):
     @inlineCallbacks
     def _lost_after(self, position: str, info: clusterio.StreamInfo) -> Generator[Deferred[Any], Any, bool]:
         """Whether entries after *position* may have been trimmed (by ``MINID``/``MAXLEN``, which Redis
-        does not record as deletions): the stream now starts after it and the entry itself is gone.
+        does not record as deletions): entries came after it, the stream now starts after it (or is
+        empty), and the entry itself is gone.
         Conservative: trimming that took only entries up to *position* also counts."""
-        if not info.first or not newer(info.first, position):
-            return False
+        if not newer(info.last, position):
+            return False  # nothing was added after it
+        if info.first and not newer(info.first, position):
+            return False  # the stream still reaches back to it: nothing after it is gone
         if position == "0-0":
             return info.added > info.length
         still = yield self.redis.call("XRANGE", self.keys.stream, position, position)
