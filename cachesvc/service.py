@@ -136,7 +136,11 @@ def makeService(
     elif settings.metrics is not None and metrics is not None:
         parts.append(metrics_port(metrics, settings.metrics.listen, settings.metrics.path, reactor))
     if standalone:
-        readiness = Readiness(Notifier.from_environment(), reactor, settings.summary(), watchdog_interval())
+        cluster = purge.cluster if purge is not None else None
+        readiness = Readiness(
+            Notifier.from_environment(), reactor, settings.summary(), watchdog_interval(),
+            waits_for=cluster.when_open if cluster is not None else None,
+        )
         state = scheduler.state if scheduler is not None else None
         # First: its signal handlers are in place before any port listens. Last: readiness starts
         # when the rest has, and stops first.

@@ -24,10 +24,11 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -100,7 +101,15 @@ class Readiness(Service):
     log = Logger()
     name = "sd-notify"
 
-    def __init__(self, notifier: Notifier, reactor: Any, status: str, watchdog: float | None = None) -> None:
+    def __init__(
+        self,
+        notifier: Notifier,
+        reactor: Any,
+        status: str,
+        watchdog: float | None = None,
+        waits_for: Callable[[], Deferred[None]] | None = None,
+    ) -> None:
+        self.waits_for = waits_for  # e.g. a cluster node's catch-up: it listens only after that
         self.notifier = notifier
         self.reactor = reactor
         self.status = clean_status(status)
@@ -117,6 +126,12 @@ class Readiness(Service):
         self.reactor.callWhenRunning(self._started)
 
     def _started(self) -> None:
+        if self.waits_for is not None:
+            self.waits_for().addCallback(lambda _: self._announce())
+        else:
+            self._announce()
+
+    def _announce(self) -> None:
         if not self.running:
             return
         self.ready = self.notifier.notify("READY=1", f"STATUS={self.status}", f"MAINPID={os.getpid()}")
