@@ -439,6 +439,7 @@ def test_a_slow_purge_being_applied_does_not_hold_up_the_acknowledgements_of_oth
         slow.result(60)
     line = wait_until(lambda: re.search(r"purge 'soft:\S+big.example' \w+.*, ([\d.]+) ms", b.log), 60, "B's line")
     print(f"B applied the soft purge in {float(line.group(1)):.0f} ms; its own purge was answered in {took:.3f} s")
-    assert float(line.group(1)) > 900, "the slow purge was not slow enough to show anything"
+    # Longer than twice the 300 ms wait: acknowledgements held behind it would have made B answer Error.
+    assert float(line.group(1)) > 600, "the slow purge was not slow enough to show anything"
     assert exists(quick) == {n: [False] for n in ALL}
     assert reply == OK, f"B answered {reply!r} after {took:.2f} s: A and C acknowledged at once, B did not read it"
