@@ -1,16 +1,39 @@
 """Prometheus metrics: the EdgeComet CD's names (``{namespace}_cd_…``), actually recorded.
 
 Served by a small twisted.web resource around ``generate_latest()`` at exactly ``metrics.path``
-(anything else is a plain 404, as in Go), on its own port.
+(anything else is a plain 404, as in Go), on its own port. A :class:`Metrics` registry carries the
+process's own figures too (``process_*``, ``python_info``), and no counter or histogram exports a
+``_created`` series: importing this module turns them off for the process (they doubled the
+exposition and no dashboard reads them).
 """
 
 from __future__ import annotations
 
 from typing import TypedDict
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
+
+
+def process_registry() -> CollectorRegistry:
+    """A new registry with the process's metrics (CPU, memory, open files, start time) and ``python_info``."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
 
 
 class _Common(TypedDict):
@@ -20,8 +43,8 @@ class _Common(TypedDict):
 
 
 class Metrics:
-    def __init__(self, namespace: str = "edgecomet") -> None:
-        self.registry = CollectorRegistry()
+    def __init__(self, namespace: str = "edgecomet", registry: CollectorRegistry | None = None) -> None:
+        self.registry = process_registry() if registry is None else registry
         common: _Common = {"namespace": namespace, "subsystem": "cd", "registry": self.registry}
         self.recache_requests = Counter(
             "recache_requests", "Recache requests sent to Edge Gateways, by outcome and queue.",

@@ -195,6 +195,8 @@ class Warmer(Service):
             self._pool = HTTPConnectionPool(reactor, persistent=True)
             self._pool.maxPersistentPerHost = self._ceiling
             self._pool.cachedConnectionTimeout = 30
+            quiet: Any = type("QuietFactory", (self._pool._factory,), {"noisy": False})  # no log line per connection
+            self._pool._factory = quiet
             agent = Agent.usingEndpointFactory(reactor, OriginEndpoints(reactor, settings), pool=self._pool)
         self._agent: IAgent = agent
         self.limit = self._ceiling
@@ -205,6 +207,8 @@ class Warmer(Service):
         self._ready: deque[_Batch] = deque()
         self._requests: set[Deferred[Any]] = set()
         self._pumping = False
+        # for metrics: warm requests answered by outcome; URLs of finished warm-ups not sent
+        self.outcomes, self.skipped_urls = dict.fromkeys(("warmed", "slow", "http_5xx", "failed"), 0), 0
 
     @property
     def in_flight(self) -> int:
@@ -311,14 +315,17 @@ class Warmer(Service):
     def _judge(self, result: int | Failure, batch: _Batch, url: str, seconds: float, epoch: int) -> None:
         if isinstance(result, Failure):
             batch.failed += 1
+            self.outcomes["failed"] += 1
             if not result.check(*_EXPECTED):
                 self.log.failure("warm-up request for {url} failed unexpectedly", result, url=url)
             self._setback(f"{_describe(result)} for {url}", epoch)
         elif result >= 500:
             batch.failed += 1
+            self.outcomes["http_5xx"] += 1
             self._setback(f"HTTP {result} for {url}", epoch)
         else:
             batch.warmed += 1
+            self.outcomes["slow" if seconds > self.settings.slow_response else "warmed"] += 1
             if seconds > self.settings.slow_response:
                 self._setback(f"slow response ({seconds:.1f} s) for {url}", epoch)
             else:
@@ -343,6 +350,7 @@ class Warmer(Service):
         if batch.done or batch.started is None or batch.urls or batch.in_flight:
             return False
         batch.done = True
+        self.skipped_urls += batch.skipped
         if batch in self._ready:
             self._ready.remove(batch)
         self.log.info(
