@@ -119,8 +119,9 @@ class Pruner:
 
     A message names its setting after the file's path (``file: purge.roots[1]: …``). A list item
     taken out shifts the items after it, so later messages are given back their indices in the file.
-    Where no setting can be taken out (a required field missing), or the error is about a list it
-    emptied (no roots left), it gives up on that check.
+    A setting the file does not have (``metrics.listen`` is required when enabled) takes out the
+    nearest section that it has. Where nothing can be taken out (``daemon_id`` missing), or the
+    error is about a list it emptied (no roots left), it gives up on that check.
     """
 
     def __init__(self, data: dict[str, Any], source: str, errors: list[str]) -> None:
@@ -141,7 +142,7 @@ class Pruner:
                     self.gave_up = True
                     return None
                 self.errors.append(message)
-                if steps is None or not self._take_out(steps):
+                if steps is None or not any(self._take_out(steps[:n]) for n in range(len(steps), 0, -1)):
                     self.gave_up = True
                     return None
         self.gave_up = True
