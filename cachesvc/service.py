@@ -23,7 +23,6 @@ twistd then uses instead of its own. An application that embeds one half calls
 from __future__ import annotations
 
 import gc
-import importlib
 import sys
 from collections.abc import Generator
 from typing import Any
@@ -42,6 +41,7 @@ from cachesvc.observe.quiet import QuietSite
 from cachesvc.observe.reload import Reloader
 from cachesvc.observe.sdnotify import Notifier, Readiness, watchdog_interval
 from cachesvc.purge.config import PurgeSettings
+from cachesvc.purge.metrics import register_purge_metrics
 from cachesvc.purge.service import PurgeService
 from cachesvc.recache.discovery import Discovery
 from cachesvc.recache.dispatch import Dispatcher, pooled_client
@@ -126,7 +126,7 @@ def makeService(
         purge = purge_service(settings.purge, reactor)
         parts.append(purge)
         if settings.metrics is not None and metrics is not None:
-            _register_purge_metrics(metrics, purge)
+            register_purge_metrics(metrics.registry, purge)
     scheduler = None
     if settings.recache is not None:
         for service in recache_services(settings.recache, reactor, metrics):
@@ -148,16 +148,6 @@ def makeService(
     for service in parts:
         service.setServiceParent(top)
     return top
-
-
-def _register_purge_metrics(metrics: Metrics, purge: PurgeService) -> None:
-    """The purge half's metrics (and the process's) on the one registry, once cachesvc.purge.metrics exists."""
-    try:
-        module = importlib.import_module("cachesvc.purge.metrics")
-    except ImportError:
-        log.warn("metrics: the purge half exports none yet (cachesvc.purge.metrics is missing)")
-        return
-    module.register_purge_metrics(metrics.registry, purge)
 
 
 def metrics_port(metrics: Metrics, listen: str, path: str, reactor: Any) -> IService:
