@@ -173,7 +173,8 @@ class Http:
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
         data = None if body is None else json.dumps(body).encode()
         headers = {**self.headers, **({"Content-Type": "application/json"} if data is not None else {})}
-        for attempt in (1, 2):  # a kept-alive connection the server has closed meanwhile: once more
+        while True:
+            reused = self._conn is not None
             conn = self._connection()
             try:
                 conn.request(method, path, body=data, headers=headers)
@@ -184,9 +185,10 @@ class Http:
                 raise
             except (OSError, http.client.HTTPException) as e:
                 self.close()
-                if attempt == 2 or isinstance(e, TimeoutError):
+                # A kept-alive connection the server closed meanwhile fails before any answer: once more.
+                if not (reused and isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError,
+                                                  BrokenPipeError))):
                     raise Failed(f"{method} http://{self.address}{path}: {e}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def json(self, method: str, path: str, body: Any = None) -> Any:
         """The API's envelope: the parsed body of a 2xx answer; :class:`Failed` with its message otherwise."""

@@ -301,3 +301,13 @@ def test_dead_letters_list_and_requeue(paused: Running, redis: redis_py.Redis) -
         "the requeued entries sent")
     wait_until(lambda: all(r["total"] == 0 for r in json.loads(paused.cli("queue", "--json").stdout)), 10,
                "the queues drained")
+
+
+def test_the_console_script() -> None:
+    script = Path(sys.executable).parent / "cachesvc"
+    if not script.exists():
+        pytest.skip("the package is not installed with its console script (pip install .)")
+    done = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.startswith("cachesvc ")
+    done = subprocess.run([str(script), "check-config"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
