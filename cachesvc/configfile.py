@@ -261,6 +261,12 @@ def check_server_endpoint(description: str, where: str, source: str | None, exam
         if len(description) > MAX_ENDPOINT_CHARS:  # Twisted's parser takes seconds over a long one
             raise ValueError(f"longer than {MAX_ENDPOINT_CHARS:,} characters")
         serverFromString(_ParseOnly(), description)
+    except IndexError:  # systemd:…:index=N with fewer sockets passed (or none: not started by systemd)
+        raise ConfigError(
+            f"{label(where, source)}: {shown(description)} names a socket systemd did not pass to this process; "
+            "start it from its .socket unit (or with systemd-socket-activate), or listen on e.g. "
+            f"{example}"
+        ) from None
     except (ValueError, TypeError, KeyError) as e:
         why = f" ({_clip(str(e), SHOWN_CHARS)})"
         raise ConfigError(
