@@ -10,6 +10,7 @@ scan read earlier (the event is newer).
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 from cachesvc.purge.paths import PurgeTarget
@@ -20,7 +21,7 @@ class ZoneIndex:
         self.target = target
         self.lock = threading.RLock()
         self.entries: dict[str, tuple[str, ...]] = {}
-        self.by_tag: dict[str, set[str]] = {}
+        self.by_tag: defaultdict[str, set[str]] = defaultdict(set)
         self.whole = False
         self.scans = 0  # cold scans started (a rescan after an overflow is the second)
         self._touched: set[str] | None = None  # paths events changed while a cold scan runs
@@ -110,16 +111,14 @@ class ZoneIndex:
 
     def _set(self, name: str, tags: Iterable[str]) -> None:
         self._forget(name)
-        canonical = self._canonical
-        shared = tuple(canonical.setdefault(t, t) for t in tags)  # one string per distinct tag
+        tags = tuple(tags)
+        shared = tuple(map(self._canonical.setdefault, tags, tags))  # one string per distinct tag
         if not shared:
             return
         self.entries[name] = shared  # the same name object in both maps
+        by_tag = self.by_tag
         for tag in shared:
-            holders = self.by_tag.get(tag)
-            if holders is None:
-                holders = self.by_tag[tag] = set()
-            holders.add(name)
+            by_tag[tag].add(name)
 
     def _forget(self, name: str) -> None:
         tags = self.entries.pop(name, None)
