@@ -21,8 +21,26 @@ BEGIN, END, PARAMS, STDIN, STDOUT = 1, 3, 4, 5, 6
 HeadersFor = Callable[[str], Sequence[tuple[str, str]]]
 
 
-def _record(kind: int, request_id: int, content: bytes) -> bytes:
+def record(kind: int, request_id: int, content: bytes) -> bytes:
     return struct.pack("!BBHHBx", 1, kind, request_id, len(content), 0) + content
+
+
+def read_request(conn: socket.socket) -> tuple[int, dict[bytes, bytes]] | None:
+    """Read one FastCGI request from *conn* to its empty STDIN record: (request id, its params)."""
+    reader = conn.makefile("rb")
+    params = b""
+    request_id = 1
+    while True:
+        header = reader.read(8)
+        if len(header) < 8:
+            return None
+        _, kind, request_id, length, padding = struct.unpack("!BBHHBx", header)
+        content = reader.read(length)
+        reader.read(padding)
+        if kind == PARAMS:
+            params += content
+        elif kind == STDIN and not content:
+            return request_id, _params(params)
 
 
 def _params(data: bytes) -> dict[bytes, bytes]:
@@ -161,21 +179,11 @@ class FastCGIServer:
                 return  # nginx gave up on the request (its timeout) or closed the connection
 
     def _answer(self, conn: socket.socket) -> None:
-        reader = conn.makefile("rb")
-        params = b""
-        request_id = 1
-        while True:
-            header = reader.read(8)
-            if len(header) < 8:
-                return
-            _, kind, request_id, length, padding = struct.unpack("!BBHHBx", header)
-            content = reader.read(length)
-            reader.read(padding)
-            if kind == PARAMS:
-                params += content
-            elif kind == STDIN and not content:
-                break
-        decoded = {k.decode("latin-1"): v.decode("latin-1") for k, v in _params(params).items()}
+        read = read_request(conn)
+        if read is None:
+            return
+        request_id, params = read
+        decoded = {k.decode("latin-1"): v.decode("latin-1") for k, v in params.items()}
         request = Request(decoded, time.monotonic())
         with self._gauge.lock:
             self.hits[request.host + request.uri] += 1
@@ -192,9 +200,9 @@ class FastCGIServer:
             head += "".join(f"{name}: {value}\r\n" for name, value in extra)
             body = f"<html>page {request.host}{request.uri} #{request.number}</html>".encode()
             conn.sendall(
-                _record(STDOUT, request_id, head.encode("latin-1") + b"\r\n" + body)
-                + _record(STDOUT, request_id, b"")
-                + _record(END, request_id, b"\0\0\0\0\0\0\0\0")
+                record(STDOUT, request_id, head.encode("latin-1") + b"\r\n" + body)
+                + record(STDOUT, request_id, b"")
+                + record(END, request_id, b"\0\0\0\0\0\0\0\0")
             )
         finally:
             with self._gauge.lock:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.client
 import os
 import socket
-import struct
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ from cachesvc.purge.paths import PathPolicy
 from cachesvc.purge.purger import parse_tag_list
 from cachesvc.purge.tagindex import ZoneIndex
 from cachesvc.purge.tags import DEFAULT_HEADERS, MAX_TAG_BYTES, MAX_TAGS, header_names, parse_tags, read_tagged
-from harness.fastcgi import END, STDIN, STDOUT, FastCGIServer
+from harness.fastcgi import END, STDOUT, FastCGIServer, read_request, record
 from harness.nginx import Site, Stack
 
 NAMES = header_names(DEFAULT_HEADERS)
@@ -53,10 +52,6 @@ class TagStack(Stack):
             super()._start_nginx(connections)
 
 
-def fcgi_record(kind: int, request_id: int, content: bytes) -> bytes:
-    return struct.pack("!BBHHBx", 1, kind, request_id, len(content), 0) + content
-
-
 Chunk = bytes | threading.Event
 """A STDOUT record's content, or an event the origin waits for (at most 30 s) before sending the rest."""
 
@@ -69,48 +64,18 @@ class RawOrigin(FastCGIServer):
         super().__init__()
 
     def _answer(self, conn: socket.socket) -> None:
-        reader = conn.makefile("rb")
-        params = b""
-        request_id = 1
-        while True:
-            header = reader.read(8)
-            if len(header) < 8:
-                return
-            _, kind, request_id, length, padding = struct.unpack("!BBHHBx", header)
-            content = reader.read(length)
-            reader.read(padding)
-            if kind == 4:  # PARAMS
-                params += content
-            elif kind == STDIN and not content:
-                break
-        uri = _param(params, b"REQUEST_URI").decode("latin-1")
+        read = read_request(conn)
+        if read is None:
+            return
+        request_id, params = read
+        uri = params.get(b"REQUEST_URI", b"").decode("latin-1")
         for chunk in self.records[uri.partition("?")[0]]:
             if isinstance(chunk, threading.Event):
                 chunk.wait(30)
             else:
                 for at in range(0, len(chunk), 65535):  # a record holds at most 65,535 bytes
-                    conn.sendall(fcgi_record(STDOUT, request_id, chunk[at : at + 65535]))
-        conn.sendall(fcgi_record(STDOUT, request_id, b"") + fcgi_record(END, request_id, b"\0" * 8))
-
-
-def _param(data: bytes, wanted: bytes) -> bytes:
-    """One FastCGI name-value pair's value from a PARAMS stream."""
-    i = 0
-    while i < len(data):
-        sizes = []
-        for _ in range(2):
-            n = data[i]
-            if n >> 7:
-                n = struct.unpack("!I", data[i : i + 4])[0] & 0x7FFFFFFF
-                i += 4
-            else:
-                i += 1
-            sizes.append(n)
-        name, value = data[i : i + sizes[0]], data[i + sizes[0] : i + sizes[0] + sizes[1]]
-        i += sizes[0] + sizes[1]
-        if name == wanted:
-            return value
-    return b""
+                    conn.sendall(record(STDOUT, request_id, chunk[at : at + 65535]))
+        conn.sendall(record(STDOUT, request_id, b"") + record(END, request_id, b"\0" * 8))
 
 
 def response(*headers: str, body: bytes = BODY) -> bytes:
