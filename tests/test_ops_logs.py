@@ -94,6 +94,15 @@ def test_console_format_and_own_level(tmp_path: Path) -> None:
     assert resolve_logging(cfg, None).console == Output("json", "debug")
 
 
+def test_a_top_level_format_applies_to_every_output_that_sets_none(tmp_path: Path) -> None:
+    cfg = LoggingConfig(format="json")
+    assert resolve_logging(cfg, None).console == Output("json", "info")
+    cfg.console.format = "console"
+    assert resolve_logging(cfg, None).console == Output("text", "info")  # its own format wins
+    with pytest.raises(ConfigError, match="logging.format must be json or console"):
+        resolve_logging(LoggingConfig(format="xml"), None)
+
+
 def test_file_alone_turns_the_console_off(tmp_path: Path) -> None:
     cfg = LoggingConfig(level="error")
     cfg.file.enabled, cfg.file.path, cfg.file.format = True, "logs/cd.log", "json"

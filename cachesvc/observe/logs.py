@@ -95,10 +95,13 @@ def resolve_logging(config: LoggingConfig, source: str | None, fields: Mapping[s
     glob = level("logging.level", config.level, "info")
     console_level = level("logging.console.level", config.console.level, glob)
     file_level = level("logging.file.level", config.file.level, glob)
+    if config.format not in ("", "json", "console", "text"):
+        raise ConfigError(f"{label('logging.format', source)} must be json or console, got {shown(config.format)}")
+    glob_format = "json" if config.format == "json" else ""
     console_on = config.console.enabled or not config.file.enabled
     console = None
     if console_on:
-        fmt = config.console.format
+        fmt = config.console.format or glob_format
         if fmt not in ("", "json", "console"):
             raise ConfigError(f"{label('logging.console.format', source)} must be json or console, got {shown(fmt)}")
         console = Output("json" if fmt == "json" else "text", console_level)
@@ -118,7 +121,7 @@ def resolve_logging(config: LoggingConfig, source: str | None, fields: Mapping[s
         if not os.path.isabs(path) and source:
             path = os.path.join(os.path.dirname(os.path.abspath(source)), path)
         _check_writable(path, source)
-        file = Output("json" if f.format == "json" else "text", file_level, path,
+        file = Output("json" if (f.format or glob_format) == "json" else "text", file_level, path,
                       (rotation.max_size or DEFAULT_MAX_SIZE_MB) * 1024 * 1024, rotation.max_backups or None)
         if rotation.max_age or rotation.compress:
             warnings.append(f"{label('logging.file.rotation', source)}: max_age and compress are not applied by "

@@ -91,6 +91,7 @@ class FileLogConfig:
 @dataclass
 class LoggingConfig:
     level: str = ""
+    format: str = ""  # json | console: every output's format unless it sets its own
     console: ConsoleLogConfig = field(default_factory=ConsoleLogConfig)
     file: FileLogConfig = field(default_factory=FileLogConfig)
 
