@@ -23,7 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
@@ -86,9 +86,3 @@ class MetricsResource(Resource):
             return b"Not Found"
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(self._metrics.registry)
-
-
-def metrics_site(metrics: Metrics, path: str) -> Site:
-    site = Site(MetricsResource(metrics, path))
-    site.noisy = False
-    return site

@@ -53,13 +53,14 @@ def pack_header(valid_sec: int, date: int, key: bytes, headers: bytes = b"") -> 
     return HEADER.pack(*fields) + key_line + headers
 
 
-_V5 = VERSION.to_bytes(8, "little")
-_KEY_AT = slice(HEADER_SIZE, HEADER_SIZE + len(KEY_MARK))
+V5 = VERSION.to_bytes(8, "little")
+"""The version field as its 8 bytes: a walk compares it without unpacking."""
+KEY_AT = slice(HEADER_SIZE, HEADER_SIZE + len(KEY_MARK))
 
 
 def parse(head: bytes) -> Entry | None:
     """The :class:`Entry` *head* (a file's first bytes) starts, or ``None`` if it is no version 5 cache file."""
-    if head[:8] != _V5 or head[_KEY_AT] != KEY_MARK:
+    if head[:8] != V5 or head[KEY_AT] != KEY_MARK:
         return None
     start = HEADER_SIZE + len(KEY_MARK)
     end = head.find(b"\n", start)

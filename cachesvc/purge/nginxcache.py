@@ -28,15 +28,11 @@ from cachesvc.purge.paths import PurgeTarget, Refused
 from cachesvc.purge.tags import read_tagged
 from cachesvc.purge.workers import WorkerThread
 
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-_V5 = cachefile.VERSION.to_bytes(8, "little")
-_AT_KEY = slice(cachefile.HEADER_SIZE, cachefile.HEADER_SIZE + len(cachefile.KEY_MARK))
-
 
 def read_key(dir_fd: int, name: str) -> bytes | None:
     """The cache key of file *name* in *dir_fd*, or ``None`` if it is not an nginx cache file."""
     try:
-        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        fd = os.open(name, cachefile.READ_FLAGS, dir_fd=dir_fd)
     except OSError:
         return None  # vanished, a symlink, or unreadable: not ours to judge
     try:
@@ -164,7 +160,7 @@ class _Walker:
         self._counts = [ScanResult() for _ in requests]
         self._everything = [r for r in requests if r.prefixes is None and r.tags is None]
         self._headers = tuple(dict.fromkeys(h for r in requests if r.tags is not None for h in r.headers))
-        self._flags = cachefile.WRITE_FLAGS if any(r.mode == "soft" for r in requests) else _FILE_FLAGS
+        self._flags = cachefile.WRITE_FLAGS if any(r.mode == "soft" for r in requests) else cachefile.READ_FLAGS
         only = self.requests[0] if len(self.requests) == 1 else None
         if only is not None and only.mode == "soft" and only.prefixes is None and only.tags is None:
             self.file = self._soft_file  # type: ignore[method-assign]  # the site purge's loop, kept lean
@@ -239,7 +235,8 @@ class _Walker:
                 head = os.pread(fd, cachefile.FIRST_READ, 0)
             except OSError:
                 head = b""
-            if head[:8] != _V5 or head[_AT_KEY] != cachefile.KEY_MARK or not cachefile.ENTRY_NAME.fullmatch(name):
+            cache = head[:8] == cachefile.V5 and head[cachefile.KEY_AT] == cachefile.KEY_MARK
+            if not cache or not cachefile.ENTRY_NAME.fullmatch(name):
                 junk = True
             else:
                 junk = False
