@@ -3,7 +3,7 @@
 # (ruff check, mypy --strict; configured in pyproject.toml), then pytest. Any failure fails the script.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k purge -x).
 source "$(dirname "$0")/setup.sh"
-ensure_debian_packages redis-server=redis-server nginx=nginx-light php=php-cli systemd-socket-activate=systemd systemd-analyze=systemd
+ensure_debian_packages redis-server=redis-server nginx=nginx-light php=php-cli systemd-socket-activate=systemd systemd-analyze=systemd promtool=prometheus
 ensure_wordpress_packages
 ensure_venv
 .venv/bin/ruff check .
