@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from cachesvc.purge.deleter import Deleted, delete_now
@@ -111,6 +112,7 @@ class HeldLane:
 
     def __init__(self) -> None:
         self.jobs: list = []
+        self.reactor = Clock()
 
     def submit(self, job):
         d = Deferred()
@@ -147,16 +149,22 @@ def test_batching_deleter_sends_one_batch_while_busy_and_maps_results() -> None:
         d = deleter.delete(policy.target(f"/cache/s/{name}".encode()))
         d.addCallbacks(lambda r: results.__setitem__(name, r), lambda f: results.__setitem__(name, f.value))
 
-    ask("a")  # idle: goes at once
+    ask("a"), ask("a2")  # idle: they go together at the end of the reactor turn
+    assert lane.jobs == []
+    lane.reactor.advance(0)
     assert len(lane.jobs) == 1
     ask("b"), ask("bad"), ask("c")  # busy: they wait
+    lane.reactor.advance(0)
     assert len(lane.jobs) == 1
     lane.release()
-    assert results == {"a": Deleted("deleted", 1)}
-    assert len(lane.jobs) == 1  # the three waiting ones, together
+    assert results == {"a": Deleted("deleted", 1), "a2": Deleted("deleted", 1)}
+    assert lane.jobs == []  # the three waiting ones go at the end of this turn, together
+    lane.reactor.advance(0)
+    assert len(lane.jobs) == 1
     current.clear()
     lane.release()
     assert current == ["b", "bad", "c"]
     assert results["b"] == Deleted("deleted", 1) and results["c"] == Deleted("deleted", 1)
     assert isinstance(results["bad"], PermissionError)
+    lane.reactor.advance(0)
     assert lane.jobs == []

@@ -40,28 +40,29 @@ class IDeleter(Interface):
 class BatchingDeleter:
     """Runs :func:`delete_now` on a worker thread, never on the reactor thread, one batch at a time.
 
-    A purge that arrives while the lane is idle goes at once; those that arrive while a batch is
-    running wait and then travel together. Under load that is one thread handoff and one reactor
-    wake-up per batch instead of per purge (most of the cost of a small purge), and a single lane
-    avoids the GIL contention of several threads doing tiny syscalls side by side.
+    Purges asked for in one reactor turn travel together at the end of that turn; those asked for
+    while a batch runs wait for it and then travel together. That is one thread hand-off and one
+    reactor wake-up per batch instead of per purge (most of the cost of a small purge), a single
+    lane avoids the GIL contention of several threads doing tiny syscalls side by side, and the
+    thread wakes when the reactor is about to wait, not while it still holds the GIL.
     """
 
     def __init__(self, lane: WorkerThread, delete: Callable[[PurgeTarget, Harvest | None], Deleted]) -> None:
         self._lane = lane
         self._delete = delete
         self._waiting: list[tuple[PurgeTarget, Harvest | None, Deferred[Deleted]]] = []
-        self._busy = False
+        self._busy = False  # a batch is on the thread, or about to go at the end of this turn
 
     def delete(self, target: PurgeTarget, harvest: Harvest | None = None) -> Deferred[Deleted]:
         d: Deferred[Deleted] = Deferred()
         self._waiting.append((target, harvest, d))
         if not self._busy:
-            self._send()
+            self._busy = True
+            self._lane.reactor.callLater(0, self._send)
         return d
 
     def _send(self) -> None:
         batch, self._waiting = self._waiting, []
-        self._busy = True
         work = [(t, h) for t, h, _ in batch]
         done = self._lane.submit(lambda: self._run(work))
         done.addBoth(self._fire, batch)
@@ -88,9 +89,10 @@ class BatchingDeleter:
                 d.errback(outcome)
             else:
                 d.callback(outcome)
-        self._busy = False
         if self._waiting:
-            self._send()
+            self._lane.reactor.callLater(0, self._send)  # with whatever else this turn asks for
+        else:
+            self._busy = False
 
 
 def delete_now(target: PurgeTarget, trash: Trash | None = None, harvest: Harvest | None = None) -> Deleted:

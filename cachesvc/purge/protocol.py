@@ -84,8 +84,9 @@ class PurgeProtocol(WireProtocol):
         self._writes_blocked = False  # the client does not read its replies
         self._pumping = False
         self._next_turn: IDelayedCall | None = None
-        self._timer: IDelayedCall | None = None
-        self._timer_kind = ""
+        self._timer: IDelayedCall | None = None  # at most one; it may fire early and look again (_timer_fired)
+        self._timer_kind = ""  # which limit applies now ("": none)
+        self._due = 0.0  # when that limit is reached
         self._transport().registerProducer(self, True)
         self._arm_timer()
 
@@ -208,28 +209,49 @@ class PurgeProtocol(WireProtocol):
     # --- time limits -------------------------------------------------------------------------------
 
     def _arm_timer(self) -> None:
+        """Work out which time limit applies now and when it is reached; keep one timer that is not late.
+
+        Called at every change of state, so it does not cancel and reschedule: a timer that fires
+        before the limit it was set for looks again (:meth:`_timer_fired`).
+        """
         factory = self.factory
-        kind, delay = "", 0.0
+        now = factory.clock.seconds()
+        kind, due = "", 0.0
         if self._lost or self._closing and not self._queue and not self._busy:
             kind = ""
         elif self._writes_blocked:
-            kind, delay = "unread", factory.idle_timeout
-            if self._timer_kind == kind:
+            if self._timer_kind == "unread":
                 return  # counts from when the replies stopped being read
+            kind, due = "unread", now + factory.idle_timeout
         elif self._busy or self._queue:
             kind = ""  # a long purge is not idleness
         elif self._line_since is not None:
-            kind, delay = "line", max(0.0, self._line_since + factory.idle_timeout - factory.clock.seconds())
+            kind, due = "line", self._line_since + factory.idle_timeout
         else:
-            kind, delay = "idle", factory.idle_timeout
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer, self._timer_kind = None, kind
-        if kind:
-            self._timer = factory.clock.callLater(delay, self._timed_out, kind)
+            kind, due = "idle", now + factory.idle_timeout
+        self._timer_kind, self._due = kind, due
+        timer = self._timer
+        if not kind:
+            if self._lost and timer is not None:
+                self._timer = None
+                timer.cancel()
+        elif timer is None:
+            self._timer = factory.clock.callLater(max(0.0, due - now), self._timer_fired)
+        elif timer.getTime() > due:
+            timer.reset(max(0.0, due - now))
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        kind, due = self._timer_kind, self._due
+        if not kind:
+            return
+        now = self.factory.clock.seconds()
+        if due > now:
+            self._timer = self.factory.clock.callLater(due - now, self._timer_fired)
+        else:
+            self._timed_out(kind)
 
     def _timed_out(self, kind: str) -> None:
-        self._timer = None
         seconds = self.factory.idle_timeout
         what = {
             "idle": "idle for {seconds}s",

@@ -16,7 +16,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -113,6 +113,7 @@ class Purger:
         self.warm_limit = warm_limit
         self.tags = tags
         self.observers: list[Callable[[Purged], None]] = []  # e.g. metrics, called with every purge's outcome
+        self.log = self.log  # bound once: each access to the class's Logger builds a new one (a purge logs a line)
         self._reactor = reactor if reactor is not None else clock
         self._makers: dict[Zone, Callable[[str], str | None] | None] = {}
         self.set_zones(zones)
@@ -201,11 +202,15 @@ class Purger:
             if harvest is not None:
                 harvest.finish()  # the purge in flight warms what it purges
             return same.observe()
-        ancestors = [op.observe() for (_, t), op in self._inflight.items() if t.contains(target)]
-        op = self._inflight[key] = _Shared()
+        inflight = self._inflight
+        ancestors = [op.observe() for (_, t), op in inflight.items() if t.contains(target)] if inflight else None
+        op = inflight[key] = _Shared()
         observed = op.observe()  # before the work starts: it may finish at once
-        ready = DeferredList(ancestors, consumeErrors=True) if ancestors else succeed(None)
-        ready.addCallback(lambda _: start())
+        if ancestors:
+            ready: Deferred[Any] = DeferredList(ancestors, consumeErrors=True)
+            ready.addCallback(lambda _: start())
+        else:
+            ready = maybeDeferred(start)
         if harvest is not None:
             ready.addErrback(_passing(harvest.finish))  # a failed purge warms what it managed to record
         ready.addBoth(self._settle, key, op)

@@ -35,6 +35,11 @@ class WorkerThread:
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
 
+    @property
+    def reactor(self) -> Any:
+        """The reactor whose thread the Deferreds fire on."""
+        return self._reactor
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
