@@ -17,6 +17,7 @@ from cachesvc.configfile import ConfigError, build, read_yaml_file, secret_warni
 # Before anything imports twisted.internet.endpoints: it names sockets systemd passed without names.
 from cachesvc.observe import sdlisten
 from cachesvc.observe.logs import LogSettings, resolve_logging
+from cachesvc.purge.clusterconfig import has_password
 from cachesvc.purge.config import PurgeConfig, PurgeSettings, check_purge
 from cachesvc.recache.settings import CacheDaemonConfig, RecacheSettings, check_recache, go_listen_endpoint
 
@@ -87,7 +88,11 @@ def load(path: str | None) -> Config:
     data, mode = read_yaml_file(path, ConfigError)
     config = build(Config, data, "", path)
     config.source = path
-    warning = secret_warning(path, mode, "redis.password") if config.redis.password else None
+    secrets = ["redis.password"] if config.redis.password else []
+    cluster = config.purge.cluster if config.purge is not None else None
+    if cluster is not None and has_password(cluster.redis):
+        secrets.append("a Redis password in purge.cluster.redis")
+    warning = secret_warning(path, mode, " and ".join(secrets)) if secrets else None
     config.warnings = [warning] if warning else []
     return config
 

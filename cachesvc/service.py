@@ -5,6 +5,7 @@ The twistd plugin, ``cachesvc.tac`` and the tests all call it, so they run the s
     ServiceTree
       reload         SIGHUP re-reads the config file, SIGUSR1 rotates log files (first: before any port)
       purge          PurgeService (its port and worker threads)     when purge: is configured
+      open-files     raises the open files limit (unless purge did) when eg_config is set
       redis          RedisClient (the pool, closed on stop)         when eg_config is set
       discovery      the registry watcher (scheduler and /status)
       http-api       the Cache Daemon API's port
@@ -35,6 +36,7 @@ from twisted.python.components import Componentized
 
 from cachesvc.api.routes import api_resource, api_site
 from cachesvc.config import Settings
+from cachesvc.listening import OpenFilesLimit, with_backlog
 from cachesvc.metrics import Metrics, MetricsResource
 from cachesvc.observe.logs import Console, LogControl
 from cachesvc.observe.quiet import QuietSite
@@ -161,7 +163,8 @@ def purge_service(settings: PurgeSettings, reactor: Any) -> PurgeService:
 
 
 def recache_services(settings: RecacheSettings, reactor: Any, metrics: Metrics | None = None) -> list[IService]:
-    """The Cache Daemon's services, in start order: Redis, the API and metrics ports, then the scheduler.
+    """The Cache Daemon's services, in start order: the open files limit, Redis, the API and metrics ports, then
+    the scheduler.
 
     *metrics* is the registry to record into (and serve, when ``metrics.enabled``); a new one by default.
     """
@@ -175,11 +178,11 @@ def recache_services(settings: RecacheSettings, reactor: Any, metrics: Metrics |
     state = SchedulerState(started_at=reactor.seconds(), max_size=settings.max_size)
     pubsub = RedisPubSub(settings.redis_addr, settings.redis_password, settings.redis_db, reactor, timeout=deadline)
     registry = Discovery(store, pubsub, settings.redis_db, reactor, timeout=deadline)
-    services: list[IService] = [redis, registry]
+    services: list[IService] = [OpenFilesLimit(), redis, registry]
     if settings.api_enabled:
         resource = api_resource(settings, store, ledger, state, reactor, metrics, registry=registry)
-        services.append(_named(strports.service(settings.api_listen, api_site(settings, resource), reactor=reactor),
-                               "http-api"))
+        listen = with_backlog(settings.api_listen)  # 1,024 unless the endpoint sets one
+        services.append(_named(strports.service(listen, api_site(settings, resource), reactor=reactor), "http-api"))
     else:
         log.warn("HTTP API is disabled in configuration")
     if settings.metrics_enabled:

@@ -2,8 +2,9 @@
 
 ``twistd ... cachesvc --config`` in a subprocess, a real redis-server, raw sockets: unauthenticated
 bodies refused from the headers (nothing ever in the daemon's temporary directory), slow clients
-closed by ``request_timeout``, ``http_api.max_connections``, 400 where the client is wrong, 503 with
-the reason when Redis is out of memory.
+closed by ``request_timeout``, ``http_api.max_connections``, a listen backlog of 1,024 and the open
+files limit raised as the purge half has them, 400 where the client is wrong, 503 with the reason
+when Redis is out of memory.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import select
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +25,8 @@ from typing import Any
 import pytest
 import redis as redis_py
 
-from harness.daemon import Daemon, free_port, wait_until
+import harness.daemon
+from harness.daemon import Daemon, free_port, purge, wait_until
 from harness.redis_server import RedisServer
 
 KEY = "test-internal-auth-key"
@@ -262,6 +265,36 @@ def test_max_connections_must_be_positive(tmp_path: Path, redis_server: Any) -> 
     assert daemon.exit_code() == 78  # EX_CONFIG (issue 13)
     daemon.stop()
     assert "http_api.max_connections must be > 0, got 0" in daemon.log
+
+
+def test_the_api_port_listens_with_a_backlog_of_1024(running: Running) -> None:
+    listing = subprocess.run(["ss", "-ltnH", f"sport = :{running.port}"], capture_output=True, text=True, check=True)
+    backlog = int(listing.stdout.split()[2])  # State Recv-Q Send-Q: Send-Q is the listen backlog
+    with open("/proc/sys/net/core/somaxconn") as f:
+        assert backlog == min(1024, int(f.read()))
+
+
+@pytest.mark.parametrize("halves", ["recache", "recache+purge"])
+def test_the_soft_open_files_limit_is_raised_once_whichever_halves_run(
+        tmp_path: Path, redis_server: Any, monkeypatch: pytest.MonkeyPatch, halves: str) -> None:
+    purge_port = free_port()
+    section = ""
+    if halves == "recache+purge":
+        (tmp_path / "cache").mkdir()
+        section = f"purge:\n  listen: tcp:{purge_port}:interface=127.0.0.1\n  roots: [{tmp_path / 'cache'}]\n"
+    monkeypatch.setattr(harness.daemon, "TWISTD", ["prlimit", "--nofile=200:2048", "--", *harness.daemon.TWISTD])
+    server = Running(tmp_path, redis_server.addr, api=section)
+    try:
+        server.daemon.wait_for_log("raised the open files limit from 200 to 2048")
+        limits = Path(f"/proc/{server.daemon.proc.pid}/limits").read_text()  # prlimit execs twistd: the same pid
+        (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        assert line.split()[3:5] == ["2048", "2048"]  # soft, hard
+        assert server.call("GET", "/healthz", keys=())[0] == 200
+        if section:
+            assert purge(purge_port, f"{tmp_path / 'cache'}/a.example\n".encode()) == b"Purge: Success\n"
+    finally:
+        server.daemon.stop()
+    assert server.daemon.log.count("open files limit") == 1  # raised once for the process, logged once
 
 
 # --- the client at fault: 400, never a 500 with a traceback -----------------------------------------------

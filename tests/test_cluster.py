@@ -8,6 +8,7 @@ tests/test_cluster_e2e.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -218,13 +219,30 @@ class RecordingDeleter:
         return succeed(Deleted("deleted", 1))
 
 
+class Lane:
+    """Stands in for a WorkerThread: keeps what is submitted; :meth:`run` runs it, firing its Deferred."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def submit(self, job: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.jobs.append((job, d))
+        return d
+
+    def run(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for job, d in jobs:
+            d.callback(job())
+
+
 def node(roots: tuple[str, ...] = POLICY_ROOTS, max_line: int = 4096, **kw: Any) -> Any:
-    """A Cluster of node B (or ``node=``) with a real Purger over *roots*; its Redis the recorder."""
+    """A Cluster of node B (or ``node=``) with a real Purger over *roots*; its Redis the recorder, its lane a Lane."""
     settings = dict(host="127.0.0.1", port=6379, password="", db=0, node="B", stream="s", wait=2.0,
                     retention=86400.0, heartbeat=1.0)
     clock, deleter, recorder = Clock(), RecordingDeleter(), Recorder()
     purger = Purger(PathPolicy(roots, trash=f"{roots[0]}/.cachesvc-trash"), deleter, clock)
-    cluster = Cluster(purger, ClusterSettings(**{**settings, **kw}), roots, clock, max_line)
+    cluster = Cluster(purger, ClusterSettings(**{**settings, **kw}), roots, clock, max_line, Lane())  # type: ignore[arg-type]
     cluster.redis = recorder  # type: ignore[assignment]
     return cluster, recorder, deleter, clock
 
@@ -253,6 +271,23 @@ def test_an_entry_this_node_published_is_not_applied_again() -> None:
     assert applied(cluster, "7-0", node=b"B", line=b"/b1/site/x", root=b"/b1", root_index=b"0") == 0
     assert deleter.targets == [] and redis.of("XADD") == []
     assert redis.of("SET") == [("SET", "s:pos:B", "7-0")]
+
+
+def test_purging_every_zone_lists_them_on_the_injected_lane(tmp_path: Path) -> None:
+    """After missed entries were trimmed: the zones are listed on the lane PurgeService gives (never the
+    reactor's thread pool), then each is purged, hard."""
+    root = tmp_path / "cache"
+    for name in ("b.example", "a.example", ".cachesvc-trash", ".hidden"):
+        (root / name).mkdir(parents=True)
+    (root / "file").write_bytes(b"")
+    (root / "link").symlink_to(root / "a.example")
+    cluster, _, deleter, _ = node(roots=(str(root),))
+    lane = cluster._lane
+    done = fired(cluster._purge_everything())
+    assert len(lane.jobs) == 1 and done == [] and deleter.targets == []  # nothing listed on the reactor's thread
+    lane.run()
+    assert done == [None]
+    assert deleter.targets == [PurgeTarget(str(root), ("a.example",)), PurgeTarget(str(root), ("b.example",))]
 
 
 @pytest.mark.parametrize("line, origin_root, index", POISONED)

@@ -294,3 +294,45 @@ def test_a_config_with_a_redis_password_readable_by_others_is_reported(tmp_path:
     assert str(conf) in warning and "redis.password" in warning and "chmod 600" in warning and "hunter2" not in warning
     os.chmod(conf, 0o600)
     assert config.resolve(str(conf)).warnings == ()
+
+
+def purge_config(tmp_path: Path, redis: str, extra: str = "") -> Path:
+    root = tmp_path / "cache"
+    root.mkdir(exist_ok=True)
+    return write(tmp_path, f"{extra}purge:\n  roots: [{root}]\n  cluster: {{redis: '{redis}', node: web-1}}\n")
+
+
+@pytest.mark.parametrize(
+    "redis, warned",
+    [
+        ("redis://:sekrit@127.0.0.1:6379/0", True),
+        ("redis://:%73ekrit@127.0.0.1:6379", True),  # percent-encoded, as the daemon decodes it
+        ("redis://:@127.0.0.1:6379/0", False),
+        ("redis://127.0.0.1:6379/0", False),
+        ("127.0.0.1:6379", False),
+    ],
+)
+def test_a_config_with_a_cluster_redis_password_readable_by_others_is_reported(
+        tmp_path: Path, redis: str, warned: bool) -> None:
+    conf = purge_config(tmp_path, redis)
+    os.chmod(conf, 0o644)
+    warnings = config.resolve(str(conf)).warnings
+    if warned:
+        (warning,) = warnings
+        assert str(conf) in warning and "a Redis password in purge.cluster.redis" in warning
+        assert f"chmod 600 {conf}" in warning and "sekrit" not in warning and "%73ekrit" not in warning
+    else:
+        assert warnings == ()
+    os.chmod(conf, 0o600)
+    assert config.resolve(str(conf)).warnings == ()
+
+
+def test_both_redis_passwords_readable_by_others_are_one_warning(tmp_path: Path) -> None:
+    os.chmod(eg_files(tmp_path), 0o600)
+    redis = "eg_config: edge-gateway.yaml\ndaemon_id: d\nredis: {addr: 'localhost:6379', password: hunter2}\n"
+    conf = purge_config(tmp_path, "redis://:sekrit@127.0.0.1:6379/0", extra=redis)
+    os.chmod(conf, 0o640)  # the daemon's group may read it: no warning
+    assert config.resolve(str(conf)).warnings == ()
+    os.chmod(conf, 0o604)
+    (warning,) = config.resolve(str(conf)).warnings
+    assert warning.startswith(f"{conf} holds redis.password and a Redis password in purge.cluster.redis and is ")

@@ -22,7 +22,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 
 from cachesvc import config
-from cachesvc.purge.config import LISTEN_BACKLOG, with_backlog
+from cachesvc.listening import LISTEN_BACKLOG, with_backlog
 from cachesvc.purge.deleter import Deleted
 from cachesvc.purge.nginxcache import PrefixScanner, ScanResult, purge_prefixes
 from cachesvc.purge.paths import PathPolicy, PurgeTarget, Refused

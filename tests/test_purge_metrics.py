@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,9 +29,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 
 from cachesvc.metrics import Metrics, process_registry
+from cachesvc.purge import metrics as purge_metrics
 from cachesvc.purge.config import PurgeConfig, TagsConfig, WarmConfig, WarmOrigins, ZoneConfig, check_purge
-from cachesvc.purge.metrics import Census, TrashCensus, count_tree, register_purge_metrics
+from cachesvc.purge.metrics import Census, TrashCensus, count_tree, on_lane, register_purge_metrics
 from cachesvc.purge.service import PurgeService
+from cachesvc.purge.workers import WorkerThread
 from harness.daemon import free_port
 from harness.nginxfiles import write_entry
 from tests.test_warm import make
@@ -147,15 +150,56 @@ def test_census_without_a_thread_tries_again_later(tmp_path: Path) -> None:
     assert len(calls) == 2
 
 
-def test_census_on_its_own_thread(tmp_path: Path) -> None:
+def test_census_on_a_worker_lane(tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"x")
-    census = TrashCensus(str(tmp_path))
-    census.poll()
-    for _ in range(200):
-        if census.last is not None:
-            break
-        time.sleep(0.01)
-    assert census.last is not None and census.last.files == 1
+    lane = WorkerThread(global_reactor, "cachesvc-census", nice=19)
+    lane.start()
+    try:
+        census = TrashCensus(str(tmp_path), on_lane(lane))
+        census.poll()
+        for _ in range(200):
+            if census.last is not None:
+                break
+            time.sleep(0.01)
+        assert census.last is not None and census.last.files == 1
+    finally:
+        lane.abandon()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_service_walks_the_trash_on_its_own_nice_19_lane(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The census is a worker thread PurgeService injects and starts: never a bare thread, and never
+    behind the trash's deletes (its lanes run their drain loops for as long as the service runs) or a
+    prefix scan or a purge (their lanes are kept busy here)."""
+    root = tmp_path / "cache"
+    root.mkdir()
+    settings = check_purge(PurgeConfig(listen=f"unix:{tmp_path}/purge.sock", roots=[str(root)]))
+    service = PurgeService(settings, global_reactor)
+    walks: list[tuple[str, int]] = []
+
+    def counted(path: str) -> tuple[int, int, bool]:
+        walks.append((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return 0, 0, True
+
+    monkeypatch.setattr(purge_metrics, "count_tree", counted)
+    registry = CollectorRegistry()
+    register_purge_metrics(registry, service)
+    release = threading.Event()
+    service.startService()
+    busy = [lane.submit(lambda: release.wait(10)) for lane in [service.lane, *service.scan_lanes]]
+    try:
+        generate_latest(registry)  # starts the first walk
+        await _until(lambda: walks != [])
+        after = check_exposition(generate_latest(registry))
+        assert walks == [("cachesvc-census", 19)]
+        assert value(after, "cachesvc_purge_trash_backlog_files") == 0
+        assert not [t for t in threading.enumerate() if t.name == "cachesvc-trash-census"]
+    finally:
+        release.set()
+        for d in busy:
+            await d
+        await service.stopService()
 
 
 # --- the warmer's counters ----------------------------------------------------------------------

@@ -5,7 +5,9 @@
 - the recache half never imports the API (data flows one way: api -> recache);
 - every Lua script is a package file with a header naming its KEYS and ARGV, and scripts and
   ``Script("name")`` uses match one to one;
-- no module grows past 400 lines, except the two exact models of Go behaviour.
+- no module grows past 400 lines, except the two exact models of Go behaviour;
+- purge code hands work to threads only through ``WorkerThread.submit`` (STYLE.md 11: one bridge),
+  and every ``@inlineCallbacks`` function declares a ``Generator[...]`` return type (issue 8).
 
 The checks read files with ``ast``; nothing is imported. Each helper is also tested on a small
 made-up tree, so a helper that silently finds nothing cannot make the real checks pass.
@@ -195,6 +197,45 @@ def header_problems(files: Iterable[Path]) -> list[str]:
     return problems
 
 
+BRIDGE = f"{PACKAGE}/purge/workers.py"
+"""The one thread-to-Deferred bridge of the purge half (PurgeService injects its WorkerThreads)."""
+
+THREAD_STARTERS = frozenset({
+    "Thread", "deferToThread", "deferToThreadPool", "getThreadPool", "callInThread", "ThreadPoolExecutor",
+    "run_in_executor",
+})
+
+
+def thread_bypasses(root: Path, under: str = f"{PACKAGE}/purge") -> list[str]:
+    """Where a module below *under* (except :data:`BRIDGE`) starts a thread or reaches a thread pool itself."""
+    found = []
+    for path in sorted((root / under).rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel == BRIDGE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if name in THREAD_STARTERS:
+                found.append(f"{rel}:{node.lineno}: {name}")
+    return found
+
+
+def untyped_inline_callbacks(root: Path, package: str = PACKAGE) -> list[str]:
+    """``@inlineCallbacks`` functions of *package* whose return annotation is not ``Generator[...]``."""
+    found = []
+    for path in sorted((root / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if not any(ast.unparse(d).split(".")[-1] == "inlineCallbacks" for d in node.decorator_list):
+                continue
+            returns = node.returns
+            if not (isinstance(returns, ast.Subscript) and ast.unparse(returns.value).split(".")[-1] == "Generator"):
+                shown = ast.unparse(returns) if returns is not None else "nothing"
+                found.append(f"{path.relative_to(root).as_posix()}:{node.lineno}: {node.name} -> {shown}")
+    return found
+
+
 # --- the helpers on made-up trees ----------------------------------------------------------------
 
 
@@ -268,6 +309,32 @@ def test_header_check_wants_both_words_in_the_leading_comment(tmp_path: Path) ->
         "mentions.lua: header does not name ARGV", "no_argv.lua: header does not name ARGV"]
 
 
+def test_thread_bypasses_are_found_outside_the_bridge(tmp_path: Path) -> None:
+    write_tree(tmp_path, {
+        "cachesvc/purge/workers.py": "import threading\nthreading.Thread(target=f).start()\n",
+        "cachesvc/purge/a.py": "from twisted.internet.threads import deferToThreadPool\n"
+                               "d = deferToThreadPool(reactor, reactor.getThreadPool(), f)\n",
+        "cachesvc/purge/b.py": "import threading\ndef run():\n    threading.Thread(target=f).start()\n",
+        "cachesvc/purge/c.py": "from cachesvc.purge.workers import WorkerThread\nlane = WorkerThread(r, 'x')\n"
+                               "lane.submit(f)\nthreading.current_thread()\n",
+    })
+    assert thread_bypasses(tmp_path) == [
+        "cachesvc/purge/a.py:2: deferToThreadPool", "cachesvc/purge/a.py:2: getThreadPool",
+        "cachesvc/purge/b.py:3: Thread"]
+
+
+def test_untyped_inline_callbacks_are_found(tmp_path: Path) -> None:
+    write_tree(tmp_path, {"cachesvc/m.py": (
+        "@inlineCallbacks\ndef a() -> Any:\n    yield x\n"
+        "@defer.inlineCallbacks\ndef b():\n    yield x\n"
+        "@inlineCallbacks\ndef c() -> Generator[Deferred[Any], Any, int]:\n    yield x\n"
+        "class K:\n    @inlineCallbacks\n"
+        "    def d(self) -> collections.abc.Generator[Any, Any, None]:\n        yield x\n"
+        "def e() -> Any:\n    return 1\n"
+    )})
+    assert untyped_inline_callbacks(tmp_path) == ["cachesvc/m.py:2: a -> Any", "cachesvc/m.py:5: b -> nothing"]
+
+
 # --- the real tree -------------------------------------------------------------------------------
 
 
@@ -282,6 +349,14 @@ def test_the_real_graph_is_read() -> None:
 def test_no_import_cycles() -> None:
     cycle = find_cycle(import_graph(ROOT))
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_purge_threads_go_through_the_one_bridge() -> None:
+    assert thread_bypasses(ROOT) == [], "purge code bypassing WorkerThread.submit (inject a WorkerThread)"
+
+
+def test_every_inline_callbacks_function_has_a_generator_return_type() -> None:
+    assert untyped_inline_callbacks(ROOT) == []
 
 
 def test_recache_never_imports_the_api() -> None:

@@ -23,13 +23,13 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, FirstError, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from cachesvc.purge import clusterio
 from cachesvc.purge.clusterconfig import ClusterSettings
 from cachesvc.purge.clusterio import Acks, Keys, newer
 from cachesvc.purge.protocol import IPurge
+from cachesvc.purge.workers import WorkerThread
 from cachesvc.recache.redisclient import RedisClient, RedisError, RedisUnavailable
 
 BLOCK = 1.0
@@ -49,9 +49,12 @@ class Cluster(Service):
     name = "cluster"
 
     def __init__(
-        self, local: IPurge, settings: ClusterSettings, roots: tuple[str, ...], reactor: Any, max_line_length: int
+        self, local: IPurge, settings: ClusterSettings, roots: tuple[str, ...], reactor: Any, max_line_length: int,
+        lane: WorkerThread,
     ) -> None:
+        """*lane* lists the zones on disk when this node must purge them all (PurgeService's deleter lane)."""
         self.local = local
+        self._lane = lane
         self.settings = settings
         self.roots = roots
         self.max_line_length = max_line_length
@@ -278,7 +281,8 @@ class Cluster(Service):
 
     @inlineCallbacks
     def _purge_everything(self) -> Generator[Deferred[Any], Any, None]:
-        zones = yield deferToThreadPool(self._reactor, self._reactor.getThreadPool(), clusterio.zone_roots, self.roots)
+        roots = self.roots
+        zones = yield self._lane.submit(lambda: clusterio.zone_roots(roots))
         for path in zones:
             yield self.local.purge(b"hard:" + path.encode())
 

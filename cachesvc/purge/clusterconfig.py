@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from cachesvc.configfile import ConfigError, Duration, label, shown
 
@@ -39,6 +39,20 @@ class ClusterSettings:
         return f"{self.host}:{self.port}"
 
 
+def has_password(redis: str) -> bool:
+    """Whether the ``purge.cluster.redis`` address *redis* carries a password (``redis://:password@host``)."""
+    if "://" not in redis or not redis.isprintable():
+        return False
+    try:
+        return bool(_password(urlsplit(redis)))
+    except ValueError:  # not an address: check_cluster says so
+        return False
+
+
+def _password(parsed: SplitResult) -> str:
+    return unquote(parsed.password or "")
+
+
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -66,7 +80,7 @@ def check_cluster(cluster: ClusterConfig, source: str | None) -> ClusterSettings
             )
         if not 0 <= db <= 1_000_000:
             raise ConfigError(f"{where}: database {db} is out of range; use 0 to 1000000 (usually 0-15)")
-        host, password = parsed.hostname, unquote(parsed.password or "")
+        host, password = parsed.hostname, _password(parsed)
         port = port or 6379
     else:
         host, _, port_text = text.rpartition(":")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +79,8 @@ class StreamInfo:
 
 
 @inlineCallbacks
-def stream_info(redis: RedisClient, stream: str) -> Any:
+def stream_info(redis: RedisClient, stream: str) -> Generator[Deferred[Any], Any, StreamInfo]:
+    """What ``XINFO STREAM`` says of *stream* (a stream that does not exist: nothing generated, nothing deleted)."""
     try:
         reply = yield redis.call("XINFO", "STREAM", stream)
     except RedisError as e:

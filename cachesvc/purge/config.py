@@ -222,22 +222,6 @@ def _check_warm(warm: WarmConfig, source: str | None) -> WarmSettings:
     )
 
 
-LISTEN_BACKLOG = 1024
-"""The purge port's listen queue (Twisted's default, 50, made 1 of 100 quick connects wait ~1 s)."""
-
-
-def with_backlog(listen: str, backlog: int = LISTEN_BACKLOG) -> str:
-    """*listen* with ``backlog=`` added when it is a ``tcp:``/``tcp6:`` endpoint that sets none; else as given."""
-    kind, _, rest = listen.partition(":")
-    if kind.strip().lower() not in ("tcp", "tcp6") or not rest:
-        return listen
-    args = re.split(r"(?<!\\):", rest)
-    positional = [a for a in args if "=" not in a]
-    if any(a.split("=", 1)[0].strip() == "backlog" for a in args) or len(positional) > 2:
-        return listen  # set already (tcp:PORT:INTERFACE:BACKLOG is the positional form)
-    return f"{listen}:backlog={backlog}"
-
-
 def _check_roots(roots: Sequence[str], source: str | None) -> tuple[str, ...]:
     if not roots:
         raise ConfigError(f"{label('purge.roots', source)}: list at least one cache root, e.g. [/cache]")

@@ -6,8 +6,9 @@ the warmer's counters and gauges, each tag index's size (two ``len()``: never a 
 under its lock), the open connections.
 
 The files and bytes waiting in the trash are counted by walking it, which must not block the
-reactor: a collection starts a walk on a thread of its own (nice 19) when the last one began at
-least :data:`CENSUS_INTERVAL` seconds ago, and shows the figures of the last walk that finished.
+reactor: a collection starts a walk on the purge service's census lane (a worker thread of its own
+at nice 19, so a walk never waits behind a long delete or scan) when the last one began at least
+:data:`CENSUS_INTERVAL` seconds ago, and shows the figures of the last walk that finished.
 A walk stops after :data:`CENSUS_MAX_ENTRIES` entries or :data:`CENSUS_MAX_SECONDS`; its figures
 are then lower bounds (``cachesvc_purge_trash_census_complete`` 0). Until the first walk has
 finished, the two series are absent.
@@ -15,9 +16,7 @@ finished, the two series are absent.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,9 +25,11 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from twisted.logger import Logger
 
 import cachesvc.metrics  # noqa: F401 -- no _created series: the module turns them off on import
 from cachesvc.purge.purger import Purged
+from cachesvc.purge.workers import WorkerThread
 
 if TYPE_CHECKING:
     from cachesvc.purge.service import PurgeService
@@ -43,7 +44,9 @@ CENSUS_MAX_ENTRIES = 1_000_000
 CENSUS_MAX_SECONDS = 5.0
 
 Start = Callable[[Callable[[], None]], None]
-"""Runs a callable on another thread (tests pass one that runs it at once)."""
+"""Runs a callable on another thread: :func:`on_lane` (tests pass one that runs it at once)."""
+
+log = Logger()
 
 
 @dataclass(frozen=True)
@@ -89,20 +92,20 @@ def count_tree(
     return files, size, True
 
 
-def _on_own_thread(work: Callable[[], None]) -> None:
-    def run() -> None:
-        with contextlib.suppress(OSError):  # Linux: the priority of this thread alone
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        work()
+def on_lane(lane: WorkerThread) -> Start:
+    """A :data:`Start` that hands the walk to *lane* (call it from the reactor thread, as collections are)."""
 
-    threading.Thread(target=run, name="cachesvc-trash-census", daemon=True).start()
+    def start(work: Callable[[], None]) -> None:
+        lane.submit(work).addErrback(lambda failure: log.failure("the trash census failed", failure))
+
+    return start
 
 
 class TrashCensus:
     """The last finished count of the trash at *path*; :meth:`poll` starts a new one when it is due."""
 
     def __init__(
-        self, path: str, start: Start = _on_own_thread, clock: Callable[[], float] = time.monotonic,
+        self, path: str, start: Start, clock: Callable[[], float] = time.monotonic,
         interval: float = CENSUS_INTERVAL,
     ) -> None:
         self.path = path
@@ -215,7 +218,7 @@ def register_purge_metrics(
 ) -> None:
     """Register the purge half's metrics on *registry* and observe *purge*'s purges.
 
-    *census* counts the trash (default: walks of ``purge.trash.path`` on their own thread).
+    *census* counts the trash (default: walks of ``purge.trash.path`` on *purge*'s census lane).
     """
     requests = Counter(
         "cachesvc_purge_requests", "Purge requests answered, by form (path, url, prefix, tag), mode and outcome.",
@@ -237,4 +240,4 @@ def register_purge_metrics(
             entries.labels(purged.mode).inc(purged.entries)
 
     purge.purger.observers.append(observe)
-    registry.register(PurgeCollector(purge, census or TrashCensus(purge.trash.path)))
+    registry.register(PurgeCollector(purge, census or TrashCensus(purge.trash.path, on_lane(purge.census_lane))))

@@ -1,17 +1,18 @@
 """The purge service: the listening port and the worker threads behind it.
 
-Threads, each injected into what uses it: the deleter's (every purge's filesystem work), the
-scanner's lanes (prefix scans, which may take long and must not delay the others; zones share them
-fairly) and the trash's (background deletion at nice 19, with normal-priority lanes that help while
-it falls behind).
+Threads, each injected into what uses it: the deleter's (every purge's filesystem work, and the
+cluster's listing of the zones it purges after missing entries), the scanner's lanes (prefix scans,
+which may take long and must not delay the others; zones share them fairly), the trash's
+(background deletion at nice 19, with normal-priority lanes that help while it falls behind) and
+the census's (the metrics' walks of the trash, at nice 19, never behind a delete or a scan).
 
-At start the soft limit on open files is raised to the hard limit (the usual soft 1,024 is about
-1,000 connections), and the port listens with a backlog of 1,024 unless the endpoint sets one.
+At start the soft limit on open files is raised to the hard limit, once for the process (the usual
+soft 1,024 is about 1,000 connections), and the port listens with a backlog of 1,024 unless the
+endpoint sets one (cachesvc/listening.py).
 """
 
 from __future__ import annotations
 
-import resource
 from typing import Any
 
 from twisted.application import strports
@@ -20,8 +21,9 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from cachesvc import __version__
+from cachesvc.listening import raise_open_files_limit_once, with_backlog
 from cachesvc.purge.cluster import Cluster
-from cachesvc.purge.config import PurgeSettings, with_backlog
+from cachesvc.purge.config import PurgeSettings
 from cachesvc.purge.deleter import BatchingDeleter, delete_now
 from cachesvc.purge.keyurl import why_not_invertible
 from cachesvc.purge.nginxcache import PrefixScanner
@@ -59,6 +61,7 @@ class PurgeService(MultiService):
         self.trash_lanes = [WorkerThread(reactor, "cachesvc-trash", nice=19)]
         catch_up = [WorkerThread(reactor, f"cachesvc-trash-catch-up-{i}") for i in range(TRASH_CATCH_UP_LANES)]
         self.trash_lanes += catch_up
+        self.census_lane = WorkerThread(reactor, "cachesvc-census", nice=19)  # the metrics' walks of the trash
         self.trash = Trash(settings.trash_dir, settings.roots, self.trash_lanes[:1], reactor, catch_up)
         trash = self.trash
         deleter = BatchingDeleter(self.lane, lambda target, harvest: delete_now(target, trash, harvest))
@@ -87,7 +90,9 @@ class PurgeService(MultiService):
         served: IPurge = self.purger
         self.cluster: Cluster | None = None
         if settings.cluster is not None:
-            self.cluster = Cluster(self.purger, settings.cluster, settings.roots, reactor, settings.max_line_length)
+            self.cluster = Cluster(
+                self.purger, settings.cluster, settings.roots, reactor, settings.max_line_length, self.lane
+            )
             self.addService(self.cluster)
             served = self.cluster
         self.factory = PurgeFactory(
@@ -131,7 +136,7 @@ class PurgeService(MultiService):
         return []
 
     def startService(self) -> None:
-        limit = raise_open_files_limit(self.log)
+        limit = raise_open_files_limit_once(self.log)
         if limit is not None and self.factory.max_connections + FD_RESERVE > limit:
             self.log.warn(
                 "purge.max_connections {max} leaves fewer than {reserve} of the {limit} open files for everything "
@@ -141,7 +146,7 @@ class PurgeService(MultiService):
         self._warn_unwarmable()
         self.trash.open()  # starts the trash's lanes when the trash is usable
         self.lane.start()
-        for lane in self.scan_lanes + self.tag_lanes:
+        for lane in [*self.scan_lanes, *self.tag_lanes, self.census_lane]:
             lane.start()
         if self.tags is not None:
             self.tags.start()
@@ -167,33 +172,7 @@ class PurgeService(MultiService):
         self.trash.close()  # the next start deletes what is left in the trash
         if self.tags is not None:
             self.tags.stop()
-        for lane in self.scan_lanes + self.tag_lanes:
+        for lane in [*self.scan_lanes, *self.tag_lanes, self.census_lane]:
             lane.abandon()
         return self.lane.stop().addCallback(lambda _: result)
 
-
-def raise_open_files_limit(log: Logger) -> int | None:
-    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit and log it; return the soft limit now in force.
-
-    A failure is logged, not fatal. ``None``: no limit.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return None
-    if hard != resource.RLIM_INFINITY and soft >= hard:
-        log.info("open files limit: {soft} (the hard limit)", soft=soft)
-        return soft
-    wanted = hard
-    if hard == resource.RLIM_INFINITY:
-        try:  # Linux refuses an infinite RLIMIT_NOFILE; fs.nr_open is the ceiling
-            with open("/proc/sys/fs/nr_open") as f:
-                wanted = int(f.read())
-        except (OSError, ValueError):
-            wanted = 1 << 20
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    except (OSError, ValueError) as e:
-        log.warn("cannot raise the open files limit from {soft} to {wanted}: {e}", soft=soft, wanted=wanted, e=e)
-        return soft
-    log.info("raised the open files limit from {soft} to {wanted}", soft=soft, wanted=wanted)
-    return wanted
