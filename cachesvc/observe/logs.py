@@ -204,6 +204,31 @@ def twistd_console(options: Mapping[str, Any] | None) -> Console:
     return cast(LogFile, LogFile.fromFullPath(logfile or "twistd.log"))
 
 
+class _Levels(LogLevelFilterPredicate):
+    """Twisted's level filter, remembering each namespace's level (it splits and joins the name per event).
+
+    Levels are ``LogLevel`` constants (``Any``: their package has no type information).
+    """
+
+    def __init__(self, defaultLogLevel: Any = LogLevel.info) -> None:
+        self._cache: dict[str, Any] = {}
+        super().__init__(defaultLogLevel)
+
+    def logLevelForNamespace(self, namespace: str) -> Any:
+        level = self._cache.get(namespace)
+        if level is None:
+            level = self._cache[namespace] = super().logLevelForNamespace(namespace)
+        return level
+
+    def setLogLevelForNamespace(self, namespace: str, level: Any) -> None:
+        super().setLogLevelForNamespace(namespace, level)
+        self._cache.clear()
+
+    def clearLogLevels(self) -> None:
+        super().clearLogLevels()
+        self._cache.clear()
+
+
 class LogControl:
     """The observer for *settings*' outputs; its levels change in place, its files rotate on demand."""
 
@@ -223,7 +248,7 @@ class LogControl:
             logfile = LogFile.fromFullPath(f.path, rotateLength=f.max_bytes, maxRotatedFiles=f.backups)
             self.files.append(logfile)
             observers.append(self._filtered("file", f, self._writer(logfile, f, fields)))
-        self.observer: ILogObserver = LogPublisher(*observers)
+        self.observer: ILogObserver = observers[0] if len(observers) == 1 else LogPublisher(*observers)
 
     @staticmethod
     def _writer(sink: Console, output: Output, fields: Mapping[str, str]) -> ILogObserver:
@@ -238,7 +263,7 @@ class LogControl:
         return FileLogObserver(out, ClassicText())  # twistd's text lines, formatted faster
 
     def _filtered(self, name: str, output: Output, observer: ILogObserver) -> ILogObserver:
-        predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[output.level])
+        predicate = _Levels(defaultLogLevel=LEVELS[output.level])
         self._predicates[name] = predicate
         return FilteringLogObserver(observer, [predicate])
 
