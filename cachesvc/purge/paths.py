@@ -64,9 +64,9 @@ class PathPolicy:
         if not path.startswith("/"):
             raise Refused("not an absolute path")
         segments = path.split("/")
-        if any(s in (".", "..") for s in segments):
+        if "." in segments or ".." in segments:
             raise Refused("'.' or '..' segment in path")
-        parts = tuple(s for s in segments if s)
+        parts = tuple(filter(None, segments))
         for root, root_parts in self._roots:
             if parts[: len(root_parts)] == root_parts:
                 if len(parts) == len(root_parts):
