@@ -114,6 +114,14 @@ def _delete_now(target: PurgeTarget, trash: Trash | None, harvest: Harvest | Non
     visit = harvest.visit if harvest is not None else None
     try:
         name = target.parts[-1]
+        if visit is None:  # the common case in one system call: a file (or a link) goes, a directory says so
+            try:
+                os.unlink(name, dir_fd=parent)
+                return Deleted("deleted", 1)
+            except FileNotFoundError:
+                return Deleted("absent", 0)
+            except (IsADirectoryError, PermissionError):
+                pass  # a directory (EISDIR; EPERM elsewhere), or not ours to delete: see below
         try:
             st = os.lstat(name, dir_fd=parent)
         except FileNotFoundError:

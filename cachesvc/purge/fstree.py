@@ -14,6 +14,7 @@ import os
 import stat
 from collections.abc import Callable
 
+from cachesvc.purge.beneath import open_beneath
 from cachesvc.purge.paths import PurgeTarget, Refused
 
 Visit = Callable[[int, str], None]
@@ -25,7 +26,9 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 def open_parent(target: PurgeTarget) -> int | None:
     """Open the directory holding *target*'s last part; ``None`` if it does not exist.
 
-    Raises :class:`Refused` if any component below the root is a symlink.
+    Raises :class:`Refused` if any component below the root is a symlink. The descent is one
+    ``openat2`` where the system has it; otherwise, or to name the symlink it met, one component
+    at a time.
     """
     try:
         parent = os.open(target.root, DIR_FLAGS)  # a root swapped for a symlink since start-up is refused too
@@ -33,6 +36,18 @@ def open_parent(target: PurgeTarget) -> int | None:
         if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(target.root):
             raise Refused(f"cache root {target.root} is a symlink") from None
         raise
+    if len(target.parts) > 1:
+        try:
+            # Without O_NOFOLLOW: it turns a final symlink into ENOTDIR; RESOLVE_NO_SYMLINKS makes it ELOOP.
+            below = open_beneath(parent, "/".join(target.parts[:-1]), DIR_FLAGS & ~os.O_NOFOLLOW)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                os.close(parent)
+                return None
+            below = None  # a symlink or a file on the way (or stranger): the walk below says which
+        if below is not None:
+            os.close(parent)
+            return below
     for depth, name in enumerate(target.parts[:-1]):
         try:
             child = os.open(name, DIR_FLAGS, dir_fd=parent)
