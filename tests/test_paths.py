@@ -70,3 +70,13 @@ def test_zone_root_and_containment() -> None:
     assert zone.contains(inner) and not inner.contains(zone)
     assert not zone.contains(POLICY.target(b"/cache/example.community"))
     assert inner.path == "/cache/example.com/a/bc"
+
+
+def test_the_trash_and_everything_in_it_are_refused_and_nothing_beside_it() -> None:
+    policy = PathPolicy(["/cache", "/cache/deep"], trash="/cache/.cachesvc-trash")
+    for raw in (b"/cache/.cachesvc-trash", b"/cache/.cachesvc-trash/slot/x", b"/cache//.cachesvc-trash/x/"):
+        with pytest.raises(Refused, match="trash"):
+            policy.target(raw)
+    assert policy.target(b"/cache/.cachesvc-trash-not/x").parts == (".cachesvc-trash-not", "x")
+    assert policy.target(b"/cache/deep/.cachesvc-trash/x").root == "/cache/deep"  # another root's path
+    assert PathPolicy(["/cache"], trash="/elsewhere/trash").target(b"/cache/elsewhere/trash").root == "/cache"

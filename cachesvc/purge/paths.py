@@ -47,6 +47,13 @@ class PathPolicy:
             key=lambda r: len(r[1]),
             reverse=True,
         )
+        trash_parts = tuple(p for p in trash.split("/") if p) if trash else None
+        # Per root, the trash's parts below it (None: the trash is not below that root).
+        self._trash_below = {
+            root: trash_parts[len(root_parts) :]
+            if trash_parts is not None and trash_parts[: len(root_parts)] == root_parts else None
+            for root, root_parts in self._roots
+        }
 
     @property
     def roots(self) -> list[str]:
@@ -71,8 +78,9 @@ class PathPolicy:
             if parts[: len(root_parts)] == root_parts:
                 if len(parts) == len(root_parts):
                     raise Refused(f"{root} is a cache root itself; purge a site below it")
-                target = PurgeTarget(root, parts[len(root_parts) :])
-                if self._trash and (target.path + "/").startswith(self._trash + "/"):
+                below = parts[len(root_parts) :]
+                trash = self._trash_below[root]
+                if trash is not None and below[: len(trash)] == trash:
                     raise Refused("that is the purge daemon's trash")
-                return target
+                return PurgeTarget(root, below)
         raise Refused(f"outside every cache root ({', '.join(self.roots)})")
