@@ -10,7 +10,7 @@ import pytest
 
 from cachesvc.purge import beneath
 from cachesvc.purge.beneath import open_beneath
-from cachesvc.purge.fstree import DIR_FLAGS, open_parent
+from cachesvc.purge.fstree import DIR_FLAGS, RootDirs, open_parent
 from cachesvc.purge.paths import PathPolicy, Refused
 
 pytestmark = pytest.mark.skipif(beneath._missing, reason="this system has no openat2")
@@ -63,9 +63,9 @@ CASES = ["site/a/bc/file", "site/a/bc/missing", "site/a/nothere/file", "site/pla
          "site/evil/x", "site/rel/bc/file", "site/x"]
 
 
-def _outcome(policy: PathPolicy, tree: Path, rel: str) -> object:
+def _outcome(policy: PathPolicy, tree: Path, rel: str, roots: RootDirs | None = None) -> object:
     try:
-        fd = open_parent(policy.target(f"{tree}/{rel}".encode()))
+        fd = open_parent(policy.target(f"{tree}/{rel}".encode()), roots)
     except Refused as e:
         return ("refused", str(e))
     if fd is None:
@@ -81,8 +81,17 @@ def test_open_parent_gives_the_same_outcomes_with_and_without_openat2(
 ) -> None:
     policy = PathPolicy([str(tree)])
     fast = [_outcome(policy, tree, rel) for rel in CASES]
+    roots = RootDirs()  # a batch's roots, opened once
+    open_before = len(os.listdir("/proc/self/fd"))
+    assert [_outcome(policy, tree, rel, roots) for rel in CASES] == fast
+    assert len(os.listdir("/proc/self/fd")) == open_before + 1  # the root, held for the batch
+    roots.close()
+    assert len(os.listdir("/proc/self/fd")) == open_before
     monkeypatch.setattr(beneath, "_missing", True)
     assert [_outcome(policy, tree, rel) for rel in CASES] == fast
+    walking = RootDirs()
+    assert [_outcome(policy, tree, rel, walking) for rel in CASES] == fast
+    walking.close()
     assert fast[0] == (tree / "site" / "a" / "bc").stat().st_ino and fast[1] == fast[0]
     assert fast[2] is None and fast[3] is None
     assert fast[4] == ("refused", f"symlink at {tree}/site/evil") and fast[5] == fast[4]

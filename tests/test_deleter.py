@@ -134,7 +134,7 @@ def test_batching_deleter_sends_one_batch_while_busy_and_maps_results() -> None:
 
     current: list[str] = []
 
-    def fake_delete(t, harvest=None):
+    def fake_delete(t, harvest=None, roots=None):
         current.append(t.parts[-1])
         if t.parts[-1] == "bad":
             raise PermissionError(13, "Permission denied")

@@ -95,7 +95,9 @@ class Run:
         self.index = TagIndex(
             self.zones, self.policy, header_names(headers), self.lane, self.scan_lane, global_reactor
         )
-        deleter = BatchingDeleter(self.delete_lane, lambda target, harvest: delete_now(target, None, harvest))
+        deleter = BatchingDeleter(
+            self.delete_lane, lambda target, harvest, roots: delete_now(target, None, harvest, roots)
+        )
         self.purger = Purger(
             self.policy, deleter, global_reactor, ZoneMap(self.zones, self.policy),
             PrefixScanner([self.walk_lane], global_reactor), reactor=global_reactor, tags=self.index,

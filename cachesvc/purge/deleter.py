@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from cachesvc.purge.fstree import empty_dir_at, open_parent, remove_tree_at
+from cachesvc.purge.fstree import RootDirs, empty_dir_at, open_parent, remove_tree_at
 from cachesvc.purge.harvest import Harvest
 from cachesvc.purge.paths import PurgeTarget
 from cachesvc.purge.trash import Trash
@@ -47,7 +47,9 @@ class BatchingDeleter:
     thread wakes when the reactor is about to wait, not while it still holds the GIL.
     """
 
-    def __init__(self, lane: WorkerThread, delete: Callable[[PurgeTarget, Harvest | None], Deleted]) -> None:
+    def __init__(
+        self, lane: WorkerThread, delete: Callable[[PurgeTarget, Harvest | None, RootDirs], Deleted]
+    ) -> None:
         self._lane = lane
         self._delete = delete
         self._waiting: list[tuple[PurgeTarget, Harvest | None, Deferred[Deleted]]] = []
@@ -69,11 +71,15 @@ class BatchingDeleter:
 
     def _run(self, work: list[tuple[PurgeTarget, Harvest | None]]) -> list[Deleted | BaseException]:
         outcomes: list[Deleted | BaseException] = []
-        for target, harvest in work:
-            try:
-                outcomes.append(self._delete(target, harvest))
-            except Exception as e:
-                outcomes.append(e)
+        roots = RootDirs()  # each root opened once for the batch
+        try:
+            for target, harvest in work:
+                try:
+                    outcomes.append(self._delete(target, harvest, roots))
+                except Exception as e:
+                    outcomes.append(e)
+        finally:
+            roots.close()
         return outcomes
 
     def _fire(
@@ -95,20 +101,22 @@ class BatchingDeleter:
             self._busy = False
 
 
-def delete_now(target: PurgeTarget, trash: Trash | None = None, harvest: Harvest | None = None) -> Deleted:
+def delete_now(
+    target: PurgeTarget, trash: Trash | None = None, harvest: Harvest | None = None, roots: RootDirs | None = None
+) -> Deleted:
     """Delete *target* (blocking). A zone root is emptied and kept with its owner and mode.
 
     With a *trash*, directories are moved into it, which deletes them in the background;
     ``files`` is then unknown (``None``), and the trash finishes the *harvest* when it has read them.
     """
-    deleted = _delete_now(target, trash, harvest)
+    deleted = _delete_now(target, trash, harvest, roots)
     if harvest is not None and deleted.files is not None:
         harvest.finish()
     return deleted
 
 
-def _delete_now(target: PurgeTarget, trash: Trash | None, harvest: Harvest | None) -> Deleted:
-    parent = open_parent(target)
+def _delete_now(target: PurgeTarget, trash: Trash | None, harvest: Harvest | None, roots: RootDirs | None) -> Deleted:
+    parent = open_parent(target, roots)
     if parent is None:
         return Deleted("absent", 0)
     visit = harvest.visit if harvest is not None else None

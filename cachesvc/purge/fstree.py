@@ -23,31 +23,65 @@ Visit = Callable[[int, str], None]
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def open_parent(target: PurgeTarget) -> int | None:
+class RootDirs:
+    """The cache roots, each opened once for a batch of purges (on its thread) and closed by :meth:`close`."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def fd(self, root: str) -> int:
+        fd = self._fds.get(root)
+        if fd is None:
+            fd = self._fds[root] = _open_root(root)
+        return fd
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _open_root(root: str) -> int:
+    try:
+        return os.open(root, DIR_FLAGS)  # a root swapped for a symlink since start-up is refused too
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(root):
+            raise Refused(f"cache root {root} is a symlink") from None
+        raise
+
+
+_WALK = -1
+"""What :func:`_descend` says when only the walk can tell (a symlink or a file on the way, no openat2)."""
+
+
+def _descend(dir_fd: int, target: PurgeTarget) -> int | None:
+    """The directory holding *target*'s last part, opened below *dir_fd* by one ``openat2``."""
+    try:
+        # Without O_NOFOLLOW: it turns a final symlink into ENOTDIR; RESOLVE_NO_SYMLINKS makes it ELOOP.
+        below = open_beneath(dir_fd, "/".join(target.parts[:-1]), DIR_FLAGS & ~os.O_NOFOLLOW)
+    except OSError as e:
+        return None if e.errno == errno.ENOENT else _WALK
+    return _WALK if below is None else below
+
+
+def open_parent(target: PurgeTarget, roots: RootDirs | None = None) -> int | None:
     """Open the directory holding *target*'s last part; ``None`` if it does not exist.
 
     Raises :class:`Refused` if any component below the root is a symlink. The descent is one
-    ``openat2`` where the system has it; otherwise, or to name the symlink it met, one component
-    at a time.
+    ``openat2`` where the system has it (from the root *roots* holds open, if given); otherwise,
+    or to name the symlink it met, one component at a time.
     """
-    try:
-        parent = os.open(target.root, DIR_FLAGS)  # a root swapped for a symlink since start-up is refused too
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(target.root):
-            raise Refused(f"cache root {target.root} is a symlink") from None
-        raise
-    if len(target.parts) > 1:
-        try:
-            # Without O_NOFOLLOW: it turns a final symlink into ENOTDIR; RESOLVE_NO_SYMLINKS makes it ELOOP.
-            below = open_beneath(parent, "/".join(target.parts[:-1]), DIR_FLAGS & ~os.O_NOFOLLOW)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                os.close(parent)
-                return None
-            below = None  # a symlink or a file on the way (or stranger): the walk below says which
-        if below is not None:
+    deep = len(target.parts) > 1
+    if deep and roots is not None:
+        found = _descend(roots.fd(target.root), target)
+        if found != _WALK:
+            return found
+    parent = _open_root(target.root)
+    if deep and roots is None:
+        found = _descend(parent, target)
+        if found != _WALK:
             os.close(parent)
-            return below
+            return found
     for depth, name in enumerate(target.parts[:-1]):
         try:
             child = os.open(name, DIR_FLAGS, dir_fd=parent)

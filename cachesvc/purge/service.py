@@ -64,7 +64,7 @@ class PurgeService(MultiService):
         self.census_lane = WorkerThread(reactor, "cachesvc-census", nice=19)  # the metrics' walks of the trash
         self.trash = Trash(settings.trash_dir, settings.roots, self.trash_lanes[:1], reactor, catch_up)
         trash = self.trash
-        deleter = BatchingDeleter(self.lane, lambda target, harvest: delete_now(target, trash, harvest))
+        deleter = BatchingDeleter(self.lane, lambda target, harvest, roots: delete_now(target, trash, harvest, roots))
         scanner = PrefixScanner(self.scan_lanes, reactor)
         self.warmer: Warmer | None = None
         if settings.warm.enabled:
