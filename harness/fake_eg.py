@@ -1,11 +1,13 @@
 """A fake Edge Gateway for tests and benchmarks: a real twisted.web server in its own process.
 
 It answers ``POST /internal/cache/recache`` as told (200, any status, failing the first N attempts
-of each URL, slowly, or never), records every request as a JSON line, registers itself in
-``registry:eg:*`` as an EG does, and plays its Render Service: ``service:render:{id}`` is written
-as the RS writes it (spec 1.4), with ``load`` raised while a request is "rendering", so a
-scheduler's use of capacity can be checked end to end. ``GET /stats`` reports counts and the peak
-of concurrent renders; ``POST /control`` changes the behaviour at run time.
+of each URL, slowly, with a random part added to each delay (``jitter``), or never), records every
+request as a JSON line, registers itself in ``registry:eg:*`` as an EG does, and plays its Render
+Service: ``service:render:{id}`` is written as the RS writes it (spec 1.4), with ``load`` raised
+while a request is "rendering", so a scheduler's use of capacity can be checked end to end.
+``GET /stats`` reports counts and the peak of concurrent renders; ``POST /control`` changes the
+behaviour at run time, the online load (``base_load``) included, published at once as the RS
+publishes every change.
 
 ``FakeEG`` starts one in a subprocess and reads what it recorded; the server itself runs as
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import time
@@ -100,7 +103,8 @@ class Gateway(resource.Resource):
         self.reactor = reactor
         self.log = open(args.log, "a", buffering=1)  # noqa: SIM115 -- open for the gateway process's life
         self.redis = redis
-        self.mode = {"status": args.status, "delay": args.delay, "fail_first": args.fail_first, "hang": args.hang}
+        self.mode = {"status": args.status, "delay": args.delay, "fail_first": args.fail_first, "hang": args.hang,
+                     "jitter": args.jitter, "base_load": args.base_load}
         self.load = 0
         self.peak = 0
         self.requests = 0
@@ -124,7 +128,7 @@ class Gateway(resource.Resource):
     def write_rs(self) -> None:
         if self.args.capacity > 0:
             info = {"id": self.args.rs_id, "address": "127.0.0.1", "port": 8080, "capacity": self.args.capacity,
-                    "load": self.load + self.args.base_load, "last_seen": now_rfc3339()}
+                    "load": self.load + int(self.mode["base_load"]), "last_seen": now_rfc3339()}
             self.redis.set(f"service:render:{self.args.rs_id}", json.dumps(info), expire=3)
 
     def render_GET(self, request: server.Request) -> bytes:
@@ -146,6 +150,7 @@ class Gateway(resource.Resource):
     def render_POST(self, request: server.Request) -> bytes | int:
         if request.path == b"/control":
             self.mode.update(json.loads(request.content.read()))
+            self.write_rs()
             return b"{}"
         if request.path != b"/internal/cache/recache":
             request.setResponseCode(404)
@@ -169,7 +174,8 @@ class Gateway(resource.Resource):
         self.load += 1
         self.peak = max(self.peak, self.load)
         self.write_rs()
-        d: Deferred[None] = task.deferLater(self.reactor, float(self.mode["delay"]), lambda: None)
+        delay = float(self.mode["delay"]) + random.random() * float(self.mode["jitter"])
+        d: Deferred[None] = task.deferLater(self.reactor, delay, lambda: None)
         d.addCallback(lambda _: self.finish(request, key, body, decoded))
         request.notifyFinish().addErrback(lambda _: None)
         return server.NOT_DONE_YET
@@ -221,6 +227,7 @@ def main() -> None:
     parser.add_argument("--base-load", type=int, default=0, help="load from 'online traffic'")
     parser.add_argument("--status", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--jitter", type=float, default=0.0, help="up to this much more delay, at random")
     parser.add_argument("--fail-first", type=int, default=0)
     parser.add_argument("--hang", action="store_true")
     parser.add_argument("--register", action=argparse.BooleanOptionalAction, default=True)

@@ -103,14 +103,17 @@ class FakeLedger:
         self.settled: list[tuple[bytes, str, tuple[Any, ...], dict[str, Any]]] = []
         self.reaps = 0
         self.retry_answer = "retry"
+        self.online_answers: list[tuple[int, int]] = []  # (online, least_online) of the next answers (then 0, 0)
 
-    def claim(self, line: int, load: int, snapshot: float, online_floor: int, limit: int, host_ids: list[int],
+    def claim(self, line: int, load: int, snapshot: float, online: int | None, limit: int, host_ids: list[int],
               classes: int) -> Deferred[ClaimResult]:
-        self.claims.append({"line": line, "load": load, "limit": limit, "hosts": list(host_ids), "classes": classes})
+        self.claims.append({"line": line, "load": load, "online": online, "limit": limit, "hosts": list(host_ids),
+                            "classes": classes})
         batch = self.batches.pop(0) if self.batches else []
         if isinstance(batch, Deferred):
             return batch
-        return succeed(result(batch))
+        online, least = self.online_answers.pop(0) if self.online_answers else (0, 0)
+        return succeed(result(batch, online=online, least=least))
 
     def settle(self, claim: Claim, action: str, *args: Any, **kwargs: Any) -> Deferred[str]:
         self.settled.append((claim.member, action, args, kwargs))
@@ -154,8 +157,10 @@ class FakeDispatcher:
         return succeed(None)
 
 
-def result(claims: list[Claim], more_normal: bool = False) -> ClaimResult:
-    return ClaimResult(Budget(budget=7, unreflected=0, online=0, in_flight=0), more_normal, claims)
+def result(claims: list[Claim], more_normal: bool = False, online: int = 0, least: int | None = None) -> ClaimResult:
+    least = online if least is None else least
+    budget = Budget(budget=7, unreflected=0, online=online, in_flight=0, least_online=least)
+    return ClaimResult(budget, more_normal, claims)
 
 
 def claim(url: str, host_id: int = 1, dimension_id: int = 1, priority: str = "high") -> Claim:
@@ -394,6 +399,39 @@ def test_every_answer_triggers_a_refill_before_the_next_tick(h: Harness) -> None
     assert h.clock.seconds() == T0 + 1.0
     assert [url for _, url, _, _ in h.dispatcher.sent] == ["https://a.example/1", "https://a.example/2", "https://a.example/3"]
     assert h.ledger.reaps == 1  # refills are not ticks
+
+
+def test_the_online_load_estimate_is_carried_from_claim_to_claim_and_never_aged_out(h: Harness) -> None:
+    """Each claim gets the online load the previous one answered with, however long ago that was.
+
+    The estimate used to be the highest sample of the last tick only: on a slow machine no sample was
+    left by the next claim, and one snapshot that did not show requests still on their way to the
+    gateway made the budget 18 too large (the capacity line overshot, 48 renders for a budget of 30).
+    """
+    h.ledger.online_answers = [(40, 40), (43, 43)]
+    h.start()
+    h.tick()
+    for _ in range(5):  # ticks, well past any window
+        h.clock.advance(10.0)
+        h.settle()
+    assert [c["online"] for c in h.ledger.claims] == [None, 40, 43, 0, 0, 0]
+
+
+def test_a_lasting_doubt_about_the_estimate_holds_claims_then_refills(h: Harness, settings: RecacheSettings) -> None:
+    """Snapshots allow 10 online for 2 s against an estimate of 40: claims wait (limit 0, still measured).
+
+    With nothing of this daemon's in flight the next answer is exact; the hold ends and a refill
+    claims at once, before the next tick.
+    """
+    h.ledger.online_answers = [(40, 10)] * 4
+    h.start()
+    for _ in range(3):
+        h.tick()
+    assert h.scheduler.online.holding  # the third answer: doubted for 2 s
+    h.tick()
+    # The fourth claim only measured; nothing of ours in flight, so the hold ended and a refill claimed.
+    assert [c["limit"] for c in h.ledger.claims] == [settings.max_size] * 3 + [0, settings.max_size]
+    assert h.clock.seconds() == T0 + 4.0 and not h.scheduler.online.holding
 
 
 # --- (c) paused ----------------------------------------------------------------------------------

@@ -290,6 +290,20 @@ def test_capacity_line_holds_with_online_load(stack: Stack, redis) -> None:
     assert api("GET", "/status")[1]["rs_capacity"]["capacity_line"] == 70
 
 
+def test_online_traffic_that_falls_frees_budget_during_a_drain(stack: Stack, redis) -> None:
+    # Renders of 0.5 s to 1.5 s: answers and refills come one by one, so no moment is free of recache
+    # renders on its own. Online traffic falls from 40 to 10 mid-drain: the line leaves 60 instead of 30.
+    eg = stack.eg("--capacity", "100", "--base-load", "40", "--delay", "0.5", "--jitter", "1.0")
+    stack.daemon()
+    redis.zadd(NORMAL, {member(f"https://example.com/f{i}"): int(time.time()) for i in range(1500)})
+    wait_until(lambda: eg.stats()["load"] >= 25, 20, "recache at the line")
+    assert eg.stats()["peak"] <= 30 + 2
+    eg.control(base_load=10)
+    wait_until(lambda: eg.stats()["load"] >= 50, 15, "the budget online traffic left used")
+    assert eg.stats()["peak"] <= 60 + 2
+    assert "claims wait until the Render Services' load confirms it" in stack.daemons[0].log
+
+
 # --- faults --------------------------------------------------------------------------------------
 
 

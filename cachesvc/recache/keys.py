@@ -13,6 +13,8 @@ cachesvc's own, shared by every cachesvc daemon on the Redis (none collide with 
 ``cachesvc:inflight:started``  ZSET  id -> claim time
 ``cachesvc:inflight:meta``     HASH  id -> "score|attempts|daemon|claimed_at"
 ``cachesvc:attempts``          HASH  id -> failed attempts so far (kept across retries)
+``cachesvc:inflight:ended``    ZSET  claim time + "|" + id -> when the claim ended (settled or reaped),
+                               for 10 s: a registry snapshot older than the end may still show it
 ``cachesvc:deadletter:{host}`` HASH  id -> JSON {reason, attempts, failed_at}
 ``cachesvc:discovery:probe:{token}``  STRING  written once per pub/sub (re)connect when CONFIG is
                                       refused, to see whether keyspace notifications flow (PX 10 s)
@@ -35,8 +37,9 @@ INFLIGHT = "cachesvc:inflight"
 STARTED = "cachesvc:inflight:started"
 META = "cachesvc:inflight:meta"
 ATTEMPTS = "cachesvc:attempts"
-LEDGER = (INFLIGHT, STARTED, META, ATTEMPTS)
-"""The ledger's fixed keys, in the order every ledger script takes them as KEYS[1..4]."""
+ENDED = "cachesvc:inflight:ended"
+LEDGER = (INFLIGHT, STARTED, META, ATTEMPTS, ENDED)
+"""The ledger's fixed keys, in the order every ledger script takes them as KEYS[1..5]."""
 
 
 def queue_key(host_id: int, priority: str) -> str:

@@ -4,8 +4,11 @@ An entry leaves its queue only inside the claim script, which records it as in f
 in the same step; it leaves Redis for good only when an Edge Gateway answered 200 (ack) or when it
 is dead-lettered. If a daemon dies, any daemon's reaper returns its expired leases to their queues
 with the original member bytes and score. The claim script also enforces the render budget for
-all daemons together: the capacity line, minus the load online traffic causes (the reported load
-less the claims it can already reflect), minus every claim in flight, by any daemon.
+all daemons together: the capacity line, minus the load online traffic causes, minus every claim
+in flight, by any daemon.
+
+The online load is the caller's estimate, which each snapshot raises to the least online traffic
+it allows and lowers to the most (:meth:`Ledger.claim`; why, in :mod:`cachesvc.recache.online`).
 
 The claim script is the one place the budget is computed; :meth:`Ledger.budget` asks it without
 claiming, for ``/status``. Its keys are listed in :mod:`cachesvc.recache.keys`.
@@ -56,8 +59,9 @@ class Budget:
 
     budget: int  # what the capacity line allows beyond the load and every claim in flight
     unreflected: int  # claims made after the load snapshot, which the load cannot show yet
-    online: int  # the load online traffic causes, as this snapshot shows it
+    online: int  # the online load the budget was computed with (see Ledger.claim)
     in_flight: int  # claims in flight, by every daemon
+    least_online: int = 0  # the least online load the snapshot allows: its load less every claim it could show
 
 
 @dataclass(frozen=True)
@@ -83,28 +87,33 @@ class Ledger:
         line: int,
         load: int,
         snapshot: float,
-        online_floor: int,
+        online: int | None,
         limit: int,
         host_ids: Sequence[int],
         classes: int,
     ) -> Generator[Deferred[Any], Any, ClaimResult]:
-        """Claim due entries within the budget: line - max(online load, *online_floor*) - every claim in flight.
+        """Claim due entries within the budget: line - the online load - every claim in flight.
 
-        *classes* says how many priorities to consider (1: high only; 3: all); hosts are visited
-        in the order given, one entry each in turn.
+        The online load is *online*, the estimate the last claim answered with (``budget.online``),
+        raised to the least this snapshot can mean (*load* less every claim it could show) and
+        lowered to the most (*load*); with no estimate yet (None), *load*. So it rises as soon as a
+        snapshot shows more, and falls only when one proves less, however long claimed requests
+        take to reach their gateways. *classes* says how many priorities to consider (1: high
+        only; 3: all); hosts are visited in the order given, one entry each in turn.
         """
         queues = [keys.queue_key(h, p) for p in keys.PRIORITIES for h in host_ids]
-        args = [line, load, f"{snapshot:.6f}", limit, f"{self.lease:.3f}", len(host_ids), classes, online_floor]
+        estimate = -1 if online is None else max(0, online)
+        args = [line, load, f"{snapshot:.6f}", limit, f"{self.lease:.3f}", len(host_ids), classes, estimate]
         reply = yield self.redis.run(CLAIM, [*keys.LEDGER, *queues], [*args, self.daemon_id])
         claims = [
             Claim(reply[i], reply[i + 1], reply[i + 2], int(reply[i + 3]), reply[i + 4])
-            for i in range(5, len(reply), 5)
+            for i in range(6, len(reply), 5)
         ]
         return ClaimResult(_budget(reply), bool(int(reply[2])), claims)
 
     @inlineCallbacks
     def budget(self, line: int, load: int, snapshot: float) -> Generator[Deferred[Any], Any, Budget]:
-        """The budget a claim would see now (the claim script, claiming nothing)."""
+        """The budget this snapshot allows with the least online load it can mean (the claim script, no claim)."""
         args = [line, load, f"{snapshot:.6f}", 0, f"{self.lease:.3f}", 0, 0, 0, self.daemon_id]
         reply = yield self.redis.run(CLAIM, list(keys.LEDGER), args)
         return _budget(reply)
@@ -149,8 +158,9 @@ class Ledger:
 
     def reap(self, batch: int = 500) -> Deferred[Any]:
         """Return at most *batch* entries whose lease expired to their queues; fires with how many."""
-        return self.redis.run(REAP, list(keys.LEDGER[:3]), [batch])
+        return self.redis.run(REAP, list(keys.LEDGER), [batch])
 
 
 def _budget(reply: list[Any]) -> Budget:
-    return Budget(budget=int(reply[0]), unreflected=int(reply[1]), online=int(reply[3]), in_flight=int(reply[4]))
+    return Budget(budget=int(reply[0]), unreflected=int(reply[1]), online=int(reply[3]), in_flight=int(reply[4]),
+                  least_online=int(reply[5]))

@@ -3,7 +3,10 @@
 Each tick re-reads both registries (the keys the registry watcher knows, one MGET: never a SCAN of the
 keyspace, see :mod:`cachesvc.recache.discovery`), returns expired leases to their queues, and
 claims as much due work as the budget allows; every finished request triggers a refill, so the
-Render Services stay at the capacity line between ticks instead of idling until the next one.
+Render Services stay at the capacity line between ticks instead of idling until the next one. The
+online load the budget leaves room for is an estimate carried from claim to claim
+(:mod:`cachesvc.recache.online`): a snapshot that misses requests still on their way to a gateway
+(a slow machine, a lagging read) cannot lower it and let recache pass the line.
 High-priority queues are considered on every claim; normal and autorecache at least every
 ``normal_check_interval`` and on every claim while due work is waiting there.
 
@@ -13,7 +16,6 @@ one info line sums it up (sent, succeeded, failed, dead-lettered).
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Generator
 from typing import Any
 
@@ -29,6 +31,7 @@ from cachesvc.recache.gojson import GoJSONError
 from cachesvc.recache.keys import PRIORITIES
 from cachesvc.recache.ledger import Claim, Ledger
 from cachesvc.recache.members import decode_member
+from cachesvc.recache.online import OnlineEstimate
 from cachesvc.recache.redisclient import RedisError, RedisUnavailable
 from cachesvc.recache.registry import capacity_line, healthy_services
 from cachesvc.recache.settings import RecacheSettings
@@ -72,7 +75,7 @@ class Scheduler(Service):
         self._line = 0
         self._load = 0
         self._snapshot = 0.0
-        self._online_samples: deque[tuple[float, int]] = deque()
+        self.online = OnlineEstimate(reactor)
         self._busy = False
         self._queued: bool | None = None  # asked for while a cycle ran: None, False (refill), True (full)
         self._cycle_ended: Deferred[None] | None = None  # fires when the running cycle ends
@@ -207,8 +210,8 @@ class Scheduler(Service):
         if full:
             yield self._discover()
         if self._settling:
-            # Answers still being recorded: the registry already dropped them from its load while the
-            # ledger still counts them, which would under-state online traffic. Each settle, once
+            # Answers still being recorded: the gateways are done with them while the ledger still
+            # counts them, so a claim now would see less budget than there is. Each settle, once
             # recorded, asks for a refill.
             return full
         if not full:
@@ -217,17 +220,20 @@ class Scheduler(Service):
             return True  # paused (or stopping) while discovery ran: claim nothing
         if not self.gateways.usable or not self.host_ids:
             return True
-        limit = self.settings.max_size - len(self._inflight)
-        if self._line <= 0 or limit <= 0:
+        holding = self.online.holding  # claims wait, but the claim script still measures the estimate
+        room = self.settings.max_size - len(self._inflight)
+        if self._line <= 0 or (room <= 0 and not holding):
             return True
         now = self.reactor.seconds()
         normal = now >= self._normal_due_at or self._normal_active
         first = self._rotation % len(self.host_ids)
         hosts = self.host_ids[first:] + self.host_ids[:first]
         self._rotation += 1
-        result = yield self.ledger.claim(self._line, self._load, self._snapshot, self._online_floor(now), limit, hosts,
-                                         3 if normal else 1)
-        self._online_samples.append((now, result.budget.online))
+        result = yield self.ledger.claim(self._line, self._load, self._snapshot, self.online.value,
+                                         0 if holding else room, hosts, 3 if normal else 1)
+        self.online.update(result.budget, self._line, len(self._claims))
+        if holding and not self.online.holding:
+            self._schedule_refill()
         if normal:
             self._normal_active = result.more_normal or any(c.priority != "high" for c in result.claims)
             if not self._normal_active:
@@ -261,18 +267,6 @@ class Scheduler(Service):
         self._line = capacity_line(services, self.settings.rs_capacity_reserved)
         self._load = sum(s.load for s in services)
         self._snapshot = min((s.last_seen for s in services), default=self.reactor.seconds())
-
-    def _online_floor(self, now: float) -> int:
-        """The highest online load seen within the last tick.
-
-        A single snapshot can under-count online traffic while recache requests are still on their
-        way to a gateway (claimed, not yet in the load); the recent maximum cannot. Online load that
-        rises is seen at once; load that falls frees budget within one tick.
-        """
-        horizon = now - self.settings.tick_interval
-        while self._online_samples and self._online_samples[0][0] < horizon:
-            self._online_samples.popleft()
-        return max((sample for _, sample in self._online_samples), default=0)
 
     # --- one entry -------------------------------------------------------------------------------
 
