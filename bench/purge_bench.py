@@ -33,6 +33,16 @@ TWISTD = str(Path(sys.executable).parent / "twistd")
 ROUNDS = 3
 """Protocol rows alternate daemon and ceiling this many times and compare the medians."""
 
+CORES = sorted(os.sched_getaffinity(0))
+SERVER_CORES = set(CORES[1:]) or set(CORES)
+"""With two cores or more the client runs on the first and each server on the others, so that the
+scheduler cannot put a server and the client on one core for one run and on two for the next (the
+ceiling's rate moved by 30 % between identical runs)."""
+
+
+def on_server_cores() -> None:
+    os.sched_setaffinity(0, SERVER_CORES)
+
 CEILING = textwrap.dedent(
     """
     import sys
@@ -118,7 +128,8 @@ def start_daemon(base: Path, root: Path, port: int, log: Path) -> subprocess.Pop
         f"  zones:\n    - hosts: ['*']\n      path: {root}/{{host}}\n"
     )
     proc = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", f"--logfile={log}", "cachesvc", "--config", str(conf)], cwd=base
+        [TWISTD, "-n", "--pidfile=", f"--logfile={log}", "cachesvc", "--config", str(conf)], cwd=base,
+        preexec_fn=on_server_cores,
     )
     wait_port(port)
     return proc
@@ -237,10 +248,13 @@ def main() -> None:
     log = base / "daemon.log"
     daemon_port, ceiling_port = free_port(), free_port()
     daemon = start_daemon(base, root, daemon_port, log)
-    ceiling = subprocess.Popen([sys.executable, "-c", CEILING, str(ceiling_port)])
+    ceiling = subprocess.Popen([sys.executable, "-c", CEILING, str(ceiling_port)], preexec_fn=on_server_cores)
+    if len(CORES) > 1:
+        os.sched_setaffinity(0, {CORES[0]})  # the client
     try:
         wait_port(ceiling_port)
-        print(f"purge benchmark on {sys.platform}, {len(os.sched_getaffinity(0))} cores")
+        print(f"purge benchmark on {sys.platform}, {len(CORES)} cores: client on core {CORES[0]}, "
+              f"servers on {sorted(SERVER_CORES)}")
         if "protocol" in sections:
             bench_protocol(root, daemon_port, ceiling_port, args.requests)
         if "site" in sections:
