@@ -36,6 +36,8 @@ def _libc_syscall() -> Any:
 
 _syscall = _libc_syscall()
 _missing = _syscall is None
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
+_how: dict[int, _OpenHow] = {}  # one struct per set of flags: the kernel only reads it
 
 
 def open_beneath(dir_fd: int, path: str, flags: int) -> int | None:
@@ -47,8 +49,10 @@ def open_beneath(dir_fd: int, path: str, flags: int) -> int | None:
     global _missing
     if _missing:
         return None
-    how = _OpenHow(flags, 0, RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
-    fd = _syscall(SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
+    how = _how.get(flags)
+    if how is None:
+        how = _how[flags] = _OpenHow(flags, 0, RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+    fd = _syscall(SYS_OPENAT2, dir_fd, os.fsencode(path), ctypes.byref(how), _HOW_SIZE)
     if fd >= 0:
         return int(fd)
     err = ctypes.get_errno()
