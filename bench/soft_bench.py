@@ -24,7 +24,6 @@ import os
 import shutil
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ sys.path.insert(0, str(TOP))
 
 from harness.daemon import Daemon, free_port  # noqa: E402
 from harness.nginx import entry_bytes  # noqa: E402
+from harness.nginxfiles import count_expired, make_fresh  # noqa: E402
 
 HOST = "soft.example"
 BODY = b"<html>" + b"x" * 499 + b"</html>"
@@ -93,22 +93,8 @@ def build(zone: Path, count: int) -> list[Path]:
 
 def reset(paths: list[Path]) -> None:
     """Every entry fresh again (valid_sec an hour ahead), synced to disk."""
-    ahead = struct.pack("<q", int(time.time()) + 3600)
-    for path in paths:
-        fd = os.open(path, os.O_WRONLY)
-        os.pwrite(fd, ahead, 8)
-        os.close(fd)
+    make_fresh(paths)
     os.sync()
-
-
-def expired(paths: list[Path]) -> int:
-    now = time.time()
-    count = 0
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        count += struct.unpack("<q", os.pread(fd, 8, 8))[0] < now
-        os.close(fd)
-    return count
 
 
 def tight_loop(zone: Path, count: int) -> float:
@@ -163,7 +149,7 @@ def main() -> None:
                 loop_s.append(loop)
                 daemon_s.append(reply)
             print(f"  run {run}{' (warm-up)' if not run else ''}: tight loop {loop:.2f} s, daemon {reply:.2f} s")
-        left = args.files - expired(paths)
+        left = args.files - count_expired(paths)
         assert left == 0, f"{left} entries still fresh after the daemon's soft purge"
         ref, got = statistics.median(loop_s), statistics.median(daemon_s)
         ratio = got / ref

@@ -35,7 +35,6 @@ import re
 import shutil
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,7 @@ TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP))
 
 from harness.daemon import Daemon, free_port  # noqa: E402
-from harness.nginxfiles import entry_path, write_entry  # noqa: E402
+from harness.nginxfiles import count_expired, entry_path, make_fresh, write_entry  # noqa: E402
 
 READY = re.compile(r"tag index ready for (\S+): (\d+) entries, (\d+) tags \((\d+) entry-tag pairs\) in ([\d.]+) s")
 
@@ -138,25 +137,6 @@ def hot_paths(zone: Path, count: int) -> list[Path]:
     return [entry_path(zone, key(zone.name, i)) for i in range(0, count, 10)]
 
 
-def refresh(paths: list[Path]) -> None:
-    """Every hot entry fresh again: valid_sec an hour ahead (written in place, as nginx never does)."""
-    ahead = struct.pack("<q", int(time.time()) + 3600)
-    for path in paths:
-        fd = os.open(path, os.O_WRONLY)
-        os.pwrite(fd, ahead, 8)
-        os.close(fd)
-
-
-def expired(paths: list[Path]) -> int:
-    now = time.time()
-    count = 0
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        count += struct.unpack("<q", os.pread(fd, 8, 8))[0] < now
-        os.close(fd)
-    return count
-
-
 def restore(paths: list[Path], contents: list[bytes]) -> None:
     """The hot entries cached again, as nginx does: each written beside its place under a temp name, renamed."""
     for n, (path, data) in enumerate(zip(paths, contents, strict=True)):
@@ -224,10 +204,10 @@ def main() -> None:
         daemon = Run(base, root, zone5)
         try:
             for run in range(runs + 1):
-                refresh(hot)
+                make_fresh(hot)
                 time.sleep(0.5)
                 soft = purge_line(daemon.port, f"soft:tag:{zone5} hot")
-                left = len(hot) - expired(hot)
+                left = len(hot) - count_expired(hot)
                 assert left == 0, f"{left} hot entries still fresh after the soft tag purge"
                 hard = purge_line(daemon.port, f"tag:{zone5} hot")
                 gone = sum(not p.exists() for p in hot)

@@ -46,3 +46,23 @@ def valid_sec(path: Path) -> int:
     """The ``valid_sec`` field of the cache file at *path*."""
     with path.open("rb") as f:
         return int(cachefile.VALID_SEC.unpack(f.read(16)[8:16])[0])
+
+
+def make_fresh(paths: list[Path], seconds: int = 3600) -> None:
+    """Set every entry's ``valid_sec`` *seconds* ahead, in place (as nginx never does; benchmarks reset with it)."""
+    ahead = cachefile.VALID_SEC.pack(int(time.time()) + seconds)
+    for path in paths:
+        fd = os.open(path, os.O_WRONLY)
+        os.pwrite(fd, ahead, cachefile.VALID_SEC_OFFSET)
+        os.close(fd)
+
+
+def count_expired(paths: list[Path]) -> int:
+    """How many of the entries at *paths* have a ``valid_sec`` in the past."""
+    now = time.time()
+    count = 0
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        count += cachefile.VALID_SEC.unpack(os.pread(fd, cachefile.VALID_SEC.size, cachefile.VALID_SEC_OFFSET))[0] < now
+        os.close(fd)
+    return count

@@ -2,10 +2,27 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from twisted.logger import formatEvent, globalLogPublisher
 
 from harness.daemon import Daemon, free_port
+
+
+@pytest.fixture
+def logged() -> Iterator[list[str]]:
+    """Every log line emitted in this process during the test, formatted."""
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield lines
+    finally:
+        globalLogPublisher.removeObserver(observe)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
 
 from cachesvc import config
 from cachesvc.configfile import ConfigError
@@ -315,15 +314,6 @@ def test_malformed_entries_are_acknowledged_as_failed_and_delete_nothing(values:
     assert deleter.targets == []
     assert redis.of("XADD")[0][-2:] == ("ok", "0")
     assert cluster._position == "2-0"  # never applied again
-
-
-@pytest.fixture
-def logged() -> Any:
-    lines: list[str] = []
-    observe: Any = lambda event: lines.append(formatEvent(event))  # noqa: E731
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
 
 
 def test_a_line_refused_here_is_not_sent_and_a_path_is_sent_with_its_root() -> None:

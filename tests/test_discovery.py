@@ -197,20 +197,6 @@ class Watched:
         return results[0]
 
 
-@pytest.fixture
-def logged() -> Iterator[list[str]]:
-    from twisted.logger import formatEvent, globalLogPublisher
-
-    lines: list[str] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        lines.append(formatEvent(event))
-
-    globalLogPublisher.addObserver(observe)
-    yield lines
-    globalLogPublisher.removeObserver(observe)
-
-
 # --- pure parts ----------------------------------------------------------------------------------
 
 

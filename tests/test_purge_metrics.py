@@ -198,8 +198,8 @@ async def test_the_service_walks_the_trash_on_its_own_nice_19_lane(
     finally:
         release.set()
         for d in busy:
-            await d
-        await service.stopService()
+            await d.addTimeout(10, global_reactor)
+        await service.stopService().addTimeout(10, global_reactor)
 
 
 # --- the warmer's counters ----------------------------------------------------------------------
@@ -276,7 +276,7 @@ async def test_scrape_after_purges_of_every_form(tmp_path: Path) -> None:
             f"http://{HOST}/a", f"http://{HOST}/p*", f"soft:http://{HOST}/s", f"tag:{zone} post-1",
             "/etc/passwd", f"{zone}/0", str(zone),
         ]
-        answers = [await service.purger.purge(line.encode()) for line in lines]
+        answers = [await service.purger.purge(line.encode()).addTimeout(30, global_reactor) for line in lines]
         assert answers == [True, True, True, True, False, True, True]
         await _until(lambda: service.trash.backlog == 0 and not service.warmer.in_flight
                      and not service.warmer.pending)
@@ -284,7 +284,7 @@ async def test_scrape_after_purges_of_every_form(tmp_path: Path) -> None:
             walk()
         after = check_exposition(generate_latest(registry))
     finally:
-        await service.stopService()
+        await service.stopService().addTimeout(10, global_reactor)
 
     def requests(form: str, mode: str, outcome: str) -> float | None:
         return value(after, "cachesvc_purge_requests_total", form=form, mode=mode, outcome=outcome)

@@ -40,7 +40,6 @@ class PathPolicy:
     """Maps a request line to a :class:`PurgeTarget` below one of *roots*, or raises :class:`Refused`."""
 
     def __init__(self, roots: Sequence[str], trash: str | None = None) -> None:
-        self._trash = trash
         # Longest root first, so a root nested in another one wins for paths below it.
         self._roots = sorted(
             ((root, tuple(p for p in root.split("/") if p)) for root in roots),
