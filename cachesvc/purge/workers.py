@@ -4,19 +4,20 @@ Leaner than ``twisted.python.threadpool.ThreadPool`` for this job (no context ca
 coordinator), which is most of a small purge's latency. :meth:`WorkerThread.submit` is the only
 way purge code hands work to a thread: it returns a Deferred that fires on the reactor thread.
 
-Each thread runs under Linux's ``SCHED_BATCH`` policy: the same share of the CPU as any other
-thread, but waking it does not preempt the thread that woke it. Without it, a job submitted while
-the reactor shares a core with its worker (a busy or a pinned machine) woke the worker at once, which
-found the GIL held and slept again: two context switches and a stalled reactor per hand-off, about a
-sixth of a one-connection purge's round trip. Now the worker runs when the reactor waits.
+On Linux a job wakes its thread through an ``eventfd``, whose write releases the GIL around the
+system call: the woken thread finds the GIL free and runs at once. A ``queue.SimpleQueue`` wakes it
+while the reactor still holds the GIL, so on a shared core the thread woke, found the GIL taken and
+slept again: two more context switches and a stalled reactor per hand-off, about a sixth of a
+one-connection purge's round trip.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import threading
+import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,13 +29,27 @@ T = TypeVar("T")
 _STOP = object()
 
 
-def _no_wakeup_preemption() -> None:
-    """Put the calling thread under ``SCHED_BATCH`` where the system has it (Linux); else leave it be."""
-    batch = getattr(os, "SCHED_BATCH", None)
-    if batch is not None:
-        # A seccomp filter or a container may forbid it: the thread works all the same.
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, batch, os.sched_param(0))  # 0: this thread, on Linux
+class _EventInbox:
+    """A FIFO whose ``put`` (any thread) wakes the thread blocked in ``get`` (one thread) by an eventfd."""
+
+    def __init__(self) -> None:
+        self._items: deque[Any] = deque()  # append and popleft are atomic: no lock needed
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC)
+        weakref.finalize(self, os.close, self._fd)
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        os.eventfd_write(self._fd, 1)  # a counter: it never blocks, and wakes the reader once for many puts
+
+    def get(self) -> Any:
+        items = self._items
+        while not items:  # an item put after this check has written the eventfd, so the read returns
+            os.eventfd_read(self._fd)
+        return items.popleft()
+
+
+def _inbox() -> _EventInbox | queue.SimpleQueue[Any]:
+    return _EventInbox() if hasattr(os, "eventfd") else queue.SimpleQueue()
 
 
 class WorkerThread:
@@ -47,7 +62,7 @@ class WorkerThread:
         self.name = name
         self._nice = nice
         self._abandoned = False
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._jobs = _inbox()
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
 
@@ -87,7 +102,6 @@ class WorkerThread:
         return self._stopped
 
     def _loop(self) -> None:
-        _no_wakeup_preemption()
         if self._nice:
             try:  # Linux: the priority of this thread alone
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
