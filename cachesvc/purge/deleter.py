@@ -40,11 +40,12 @@ class IDeleter(Interface):
 class BatchingDeleter:
     """Runs :func:`delete_now` on a worker thread, never on the reactor thread, one batch at a time.
 
-    Purges asked for in one reactor turn travel together at the end of that turn; those asked for
-    while a batch runs wait for it and then travel together. That is one thread hand-off and one
-    reactor wake-up per batch instead of per purge (most of the cost of a small purge), a single
-    lane avoids the GIL contention of several threads doing tiny syscalls side by side, and the
-    thread wakes when the reactor is about to wait, not while it still holds the GIL.
+    A purge asked for while the thread is idle goes at once (the thread wakes with the GIL free and
+    usually answers before the reactor's turn ends); those asked for while a batch runs wait for it
+    and then travel together, at the end of the turn in which it came back. Under load that is one
+    thread hand-off and one reactor wake-up per batch instead of per purge (most of the cost of a
+    small purge), and a single lane avoids the GIL contention of several threads doing tiny system
+    calls side by side.
     """
 
     def __init__(
@@ -53,14 +54,14 @@ class BatchingDeleter:
         self._lane = lane
         self._delete = delete
         self._waiting: list[tuple[PurgeTarget, Harvest | None, Deferred[Deleted]]] = []
-        self._busy = False  # a batch is on the thread, or about to go at the end of this turn
+        self._busy = False  # a batch is on the thread, or waiting purges go at the end of this turn
 
     def delete(self, target: PurgeTarget, harvest: Harvest | None = None) -> Deferred[Deleted]:
         d: Deferred[Deleted] = Deferred()
         self._waiting.append((target, harvest, d))
         if not self._busy:
             self._busy = True
-            self._lane.reactor.callLater(0, self._send)
+            self._send()
         return d
 
     def _send(self) -> None:
