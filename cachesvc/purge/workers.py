@@ -7,7 +7,7 @@ way purge code hands work to a thread: it returns a Deferred that fires on the r
 On Linux a job wakes its thread through an ``eventfd``, whose write releases the GIL around the
 system call: the woken thread finds the GIL free and runs at once. A ``queue.SimpleQueue`` wakes it
 while the reactor still holds the GIL, so on a shared core the thread woke, found the GIL taken and
-slept again: two more context switches and a stalled reactor per hand-off, about a sixth of a
+slept again: two more context switches and a stalled reactor per hand-off, about a tenth of a
 one-connection purge's round trip.
 """
 
