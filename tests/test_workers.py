@@ -20,7 +20,7 @@ linux_only = pytest.mark.skipif(not hasattr(os, "eventfd"), reason="eventfd is L
 def test_the_inbox_is_a_fifo_with_another_thread_putting_while_it_is_read() -> None:
     inbox = _EventInbox()
     got: list[int] = []
-    reader = threading.Thread(target=lambda: got.extend(inbox.get() for _ in range(20_000)))
+    reader = threading.Thread(target=lambda: got.extend(inbox.get() for _ in range(20_000)), daemon=True)
     reader.start()
     for i in range(20_000):
         inbox.put(i)
@@ -35,7 +35,7 @@ def test_the_inbox_is_a_fifo_with_another_thread_putting_while_it_is_read() -> N
 def test_a_blocked_reader_wakes_for_one_put() -> None:
     inbox = _EventInbox()
     got: list[str] = []
-    reader = threading.Thread(target=lambda: got.append(inbox.get()))
+    reader = threading.Thread(target=lambda: got.append(inbox.get()), daemon=True)
     reader.start()
     reader.join(0.2)
     assert reader.is_alive() and got == []  # blocked: nothing there
@@ -72,8 +72,9 @@ async def test_jobs_run_in_order_and_those_submitted_before_start_wait_for_it() 
     try:
         late = [lane.submit(lambda i=i: ran.append(i)) for i in range(3, 200)]
         for d in early + late:
-            await d
+            await d.addTimeout(10, global_reactor)
         assert ran == list(range(200))
-        assert await lane.submit(threading.current_thread) is not threading.current_thread()
+        worker = await lane.submit(threading.current_thread).addTimeout(10, global_reactor)
+        assert worker is not threading.current_thread()
     finally:
-        await lane.stop()
+        await lane.stop().addTimeout(10, global_reactor)
